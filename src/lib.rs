@@ -1,0 +1,19 @@
+//! nbdkit in Rust: the Network Block Device server toolkit as one binary,
+//! every plugin and filter compiled in.
+//!
+//! Layers, top to bottom: [`cli`] (argv → Config), [`server`] (sockets,
+//! connections, handshake driver, transmission), [`proto`] (pure wire
+//! codec), [`backend`] (plugin/filter traits, chain, checking layer),
+//! [`plugins`] and [`filters`], and [`util`].
+
+#![warn(rust_2018_idioms)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod backend;
+pub mod cli;
+pub mod error;
+pub mod filters;
+pub mod plugins;
+pub mod proto;
+pub mod server;
+pub mod util;

@@ -1,0 +1,3 @@
+//! Built-in plugins: one module each, registered with `inventory::submit!`.
+
+mod null;

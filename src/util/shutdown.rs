@@ -1,0 +1,88 @@
+//! Server-wide shutdown: a flag set by signals (or `request`), and sleeps
+//! that end early when it is set or when the client of the current
+//! connection has gone (nbdkit's `nbdkit_nanosleep`).
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, ErrorKind, Result};
+
+static QUIT: AtomicBool = AtomicBool::new(false);
+static LOCK: Mutex<()> = Mutex::new(());
+static WAKE: Condvar = Condvar::new();
+
+thread_local! {
+    static CONN_GONE: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
+}
+
+/// True once shutdown has begun.
+pub fn requested() -> bool {
+    QUIT.load(Ordering::Acquire)
+}
+
+/// Begin shutdown and wake every sleeper.
+pub fn request() {
+    QUIT.store(true, Ordering::Release);
+    wake_sleepers();
+}
+
+/// Wake every sleeper so it re-checks its conditions (a connection closed).
+pub fn wake_sleepers() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    WAKE.notify_all();
+}
+
+/// Runs `f` with `gone` as this thread's "client hung up" flag, so sleeps
+/// inside it end early when the connection closes.
+pub fn with_connection<T>(gone: &Arc<AtomicBool>, f: impl FnOnce() -> T) -> T {
+    let prev = CONN_GONE.with(|c| c.replace(Some(gone.clone())));
+    let r = f();
+    CONN_GONE.with(|c| *c.borrow_mut() = prev);
+    r
+}
+
+fn connection_gone() -> bool {
+    CONN_GONE.with(|c| c.borrow().as_ref().is_some_and(|g| g.load(Ordering::Acquire)))
+}
+
+/// Sleep for `d`, or fail with ESHUTDOWN as soon as shutdown begins or the
+/// current connection's client goes away.
+pub fn sleep(d: Duration) -> Result<()> {
+    let deadline = Instant::now() + d;
+    let mut g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if requested() {
+            return Err(Error::new(ErrorKind::Shutdown, "sleep interrupted by shutdown"));
+        }
+        if connection_gone() {
+            return Err(Error::new(ErrorKind::Shutdown, "aborting sleep because of connection close"));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(());
+        }
+        g = WAKE.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sleep_ends_early_when_the_connection_goes() {
+        let gone = Arc::new(AtomicBool::new(false));
+        let g2 = gone.clone();
+        let t = std::thread::spawn(move || {
+            with_connection(&g2, || sleep(Duration::from_secs(30)))
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        gone.store(true, Ordering::Release);
+        wake_sleepers();
+        let r = t.join().unwrap();
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::Shutdown);
+        assert!(sleep(Duration::from_millis(1)).is_ok());
+    }
+}
