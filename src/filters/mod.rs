@@ -1,1 +1,5 @@
 //! Built-in filters: one module each, registered with `inventory::submit!`.
+
+mod delay;
+mod error;
+mod readonly;

@@ -1,3 +1,5 @@
 //! Built-in plugins: one module each, registered with `inventory::submit!`.
 
+mod file;
+mod memory;
 mod null;

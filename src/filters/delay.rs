@@ -1,0 +1,1 @@
+//! `delay` filter (being written).

@@ -1,0 +1,1 @@
+//! `error` filter (being written).

@@ -1,0 +1,1 @@
+//! `readonly` filter (being written).
