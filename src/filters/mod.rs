@@ -3,3 +3,5 @@
 mod delay;
 mod error;
 mod readonly;
+#[cfg(test)]
+pub(crate) mod testutil;
