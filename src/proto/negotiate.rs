@@ -1,0 +1,612 @@
+//! The option-haggling state machine of fixed newstyle negotiation.
+//!
+//! Pure: `Negotiation::handle` takes one option and its payload, asks the
+//! export side through the [`Exports`] trait, appends the reply bytes and
+//! says what happens next. The server's driver does the socket I/O.
+
+use super::codec::{DecodeError, Put, Reader};
+use super::handshake::option_reply;
+use super::wire::{cflag, eflag, gflag, info, opt, rep, BASE_ALLOCATION, BASE_ALLOCATION_ID, MAX_REQUEST_SIZE, MAX_STRING};
+use crate::backend::{BlockSize, Caps, Export, Support};
+
+/// Options a client may send before choosing an export (nbdkit's
+/// MAX_NR_OPTIONS); each export listed by LIST adds as many again.
+pub const MAX_OPTIONS: u32 = 32;
+/// Options longer than this close the connection (nbdkit's MAX_REQUEST_SIZE).
+pub const MAX_OPTION_LEN: u32 = 64 * 1024 * 1024;
+/// Largest well-formed INFO/GO payload: name, count, 65535 info types.
+pub const MAX_GO_LEN: u32 = 4 + MAX_STRING as u32 + 2 + 2 * 65535;
+/// Meta-context options are buffered up to this, then the client is dropped.
+pub const MAX_META_LEN: u32 = 1024 * 1024;
+
+/// What the negotiation learns about an export it opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Canonical name (the default export's real name for "").
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Capabilities after the checking layer.
+    pub caps: Caps,
+    /// Block size constraints, if any layer has them.
+    pub block_size: Option<BlockSize>,
+    /// Description, if any.
+    pub description: Option<String>,
+}
+
+/// The export side, as negotiation needs it.
+pub trait Exports {
+    /// The export list (LIST).
+    fn list(&mut self) -> Result<Vec<Export>, String>;
+    /// Open `name` ("" = the default export) and keep it open.
+    fn open(&mut self, name: &str) -> Result<ExportInfo, String>;
+    /// Close what `open` opened (after INFO).
+    fn close(&mut self);
+}
+
+/// Server policy for this connection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// `--no-sr`: refuse structured replies.
+    pub no_sr: bool,
+    /// `--no-mc`: refuse meta contexts.
+    pub no_mc: bool,
+    /// Multi-conn may be advertised (thread model above serialize_connections).
+    pub multi_conn: bool,
+    /// Extended headers are offered.
+    pub extended_headers: bool,
+}
+
+/// The payload of an option, or just its length when it was too big to
+/// buffer and has been discarded.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// The bytes.
+    Bytes(&'a [u8]),
+    /// Discarded unread.
+    Dropped,
+}
+
+/// What the driver does after an option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Send the reply and read the next option.
+    Continue,
+    /// Send the reply, then close.
+    Close,
+    /// Send the reply; the transmission phase begins.
+    Transmission,
+}
+
+/// What the driver does with an option header before reading the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// Read the payload and call `handle` with it.
+    Buffer,
+    /// Skip the payload and call `handle` with `Payload::Dropped`.
+    Discard,
+    /// Close the connection at once.
+    Close,
+}
+
+/// Per-connection negotiation state.
+#[derive(Debug)]
+pub struct Negotiation {
+    policy: Policy,
+    /// Client speaks fixed newstyle.
+    pub fixed: bool,
+    /// Client asked for no zeroes.
+    pub no_zeroes: bool,
+    /// Structured replies negotiated.
+    pub structured: bool,
+    /// Extended headers negotiated.
+    pub extended: bool,
+    meta: Option<(Vec<u8>, bool)>,
+    budget: u32,
+    listed: bool,
+    /// The export chosen by GO or EXPORT_NAME, and its transmission flags.
+    pub chosen: Option<(ExportInfo, u16)>,
+    /// base:allocation is usable in the transmission phase.
+    pub base_allocation: bool,
+}
+
+impl Negotiation {
+    /// Starts after the client flags; unknown flag bits close the connection.
+    pub fn new(policy: Policy, gflags: u16, client_flags: u32) -> Result<Negotiation, DecodeError> {
+        if client_flags & !u32::from(gflags) != 0 {
+            return Err(DecodeError::Invalid("client sent unknown or unadvertised flags"));
+        }
+        Ok(Negotiation {
+            policy,
+            fixed: client_flags & cflag::FIXED_NEWSTYLE != 0 && gflags & gflag::FIXED_NEWSTYLE != 0,
+            no_zeroes: client_flags & cflag::NO_ZEROES != 0,
+            structured: false,
+            extended: false,
+            meta: None,
+            budget: MAX_OPTIONS,
+            listed: false,
+            chosen: None,
+            base_allocation: false,
+        })
+    }
+
+    /// Decides how to take in an option of `len` bytes, before reading it.
+    pub fn intake(&self, option: u32, len: u32) -> Intake {
+        let cap = match option {
+            opt::EXPORT_NAME => return if len as usize > MAX_STRING { Intake::Close } else { Intake::Buffer },
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                return if len > MAX_META_LEN { Intake::Close } else { Intake::Buffer }
+            }
+            opt::INFO | opt::GO => MAX_GO_LEN,
+            _ => 0,
+        };
+        if len > MAX_OPTION_LEN {
+            Intake::Close
+        } else if len > cap {
+            Intake::Discard
+        } else {
+            Intake::Buffer
+        }
+    }
+
+    /// Handles one option, appending the reply to `out`.
+    pub fn handle(&mut self, option: u32, payload: Payload<'_>, ex: &mut dyn Exports, out: &mut Vec<u8>) -> Step {
+        if self.budget == 0 {
+            return Step::Close; // spent too long negotiating without selecting an export
+        }
+        self.budget -= 1;
+        let bytes = match payload {
+            Payload::Bytes(b) => Some(b),
+            Payload::Dropped => None,
+        };
+        if option == opt::EXPORT_NAME {
+            return self.export_name(bytes.unwrap_or_default(), ex, out);
+        }
+        if !self.fixed {
+            // Without fixed newstyle only EXPORT_NAME is honoured.
+            option_reply(out, option, rep::ERR_INVALID, b"");
+            return Step::Continue;
+        }
+        let empty = bytes.is_some_and(|b| b.is_empty());
+        match option {
+            opt::ABORT => {
+                option_reply(out, option, rep::ACK, b"");
+                Step::Close
+            }
+            opt::LIST => {
+                if !empty || self.listed {
+                    option_reply(out, option, rep::ERR_INVALID, b"");
+                    return Step::Continue;
+                }
+                self.list(ex, out)
+            }
+            opt::STARTTLS => {
+                let typ = if empty { rep::ERR_POLICY } else { rep::ERR_INVALID };
+                option_reply(out, option, typ, b"");
+                Step::Continue
+            }
+            opt::INFO | opt::GO => match bytes {
+                Some(b) => self.info_go(option, b, ex, out),
+                None => {
+                    option_reply(out, option, rep::ERR_INVALID, b"");
+                    Step::Continue
+                }
+            },
+            opt::STRUCTURED_REPLY => {
+                let typ = if !empty || self.structured {
+                    rep::ERR_INVALID
+                } else if self.policy.no_sr {
+                    rep::ERR_UNSUP
+                } else if self.extended {
+                    rep::ERR_EXT_HEADER_REQD
+                } else {
+                    self.structured = true;
+                    rep::ACK
+                };
+                option_reply(out, option, typ, b"");
+                Step::Continue
+            }
+            opt::EXTENDED_HEADERS if self.policy.extended_headers && !self.policy.no_sr => {
+                let typ = if !empty || self.extended {
+                    rep::ERR_INVALID
+                } else {
+                    self.extended = true;
+                    rep::ACK
+                };
+                option_reply(out, option, typ, b"");
+                Step::Continue
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                self.meta_context(option, bytes.unwrap_or_default(), out);
+                Step::Continue
+            }
+            _ => {
+                option_reply(out, option, rep::ERR_UNSUP, b"");
+                Step::Continue
+            }
+        }
+    }
+
+    /// Transmission flags for an export, given what was negotiated.
+    pub fn eflags(&self, caps: &Caps) -> u16 {
+        let mut f = eflag::HAS_FLAGS;
+        let set = |f: &mut u16, cond: bool, bit: u16| {
+            if cond {
+                *f |= bit;
+            }
+        };
+        set(&mut f, !caps.write, eflag::READ_ONLY);
+        set(&mut f, caps.flush, eflag::SEND_FLUSH);
+        set(&mut f, caps.fua != Support::None, eflag::SEND_FUA);
+        set(&mut f, caps.rotational, eflag::ROTATIONAL);
+        set(&mut f, caps.trim, eflag::SEND_TRIM);
+        set(&mut f, caps.zero != Support::None, eflag::SEND_WRITE_ZEROES);
+        set(&mut f, caps.zero != Support::None && caps.fast_zero, eflag::SEND_FAST_ZERO);
+        set(&mut f, self.structured || self.extended, eflag::SEND_DF);
+        set(&mut f, caps.multi_conn && self.policy.multi_conn, eflag::CAN_MULTI_CONN);
+        set(&mut f, caps.cache != Support::None, eflag::SEND_CACHE);
+        f
+    }
+
+    fn export_name(&mut self, name: &[u8], ex: &mut dyn Exports, out: &mut Vec<u8>) -> Step {
+        if name.len() > MAX_STRING || name.contains(&0) {
+            return Step::Close;
+        }
+        let name = String::from_utf8_lossy(name);
+        let Ok(info) = ex.open(&name) else { return Step::Close };
+        let eflags = self.eflags(&info.caps);
+        out.put_u64(info.size);
+        out.put_u16(eflags);
+        if !self.no_zeroes {
+            out.resize(out.len() + 124, 0);
+        }
+        self.finish(name.as_bytes(), info, eflags);
+        Step::Transmission
+    }
+
+    fn finish(&mut self, name: &[u8], info: ExportInfo, eflags: u16) {
+        self.base_allocation = (self.structured || self.extended)
+            && matches!(&self.meta, Some((n, true)) if n.as_slice() == name);
+        self.chosen = Some((info, eflags));
+    }
+
+    fn list(&mut self, ex: &mut dyn Exports, out: &mut Vec<u8>) -> Step {
+        self.listed = true;
+        match ex.list() {
+            Err(msg) => option_reply(out, opt::LIST, rep::ERR_PLATFORM, clip(msg.as_bytes())),
+            Ok(exports) => {
+                for e in &exports {
+                    let mut p = Vec::with_capacity(4 + e.name.len());
+                    p.put_u32(e.name.len() as u32);
+                    p.extend_from_slice(e.name.as_bytes());
+                    if let Some(d) = &e.description {
+                        p.extend_from_slice(d.as_bytes());
+                    }
+                    option_reply(out, opt::LIST, rep::SERVER, &p);
+                }
+                self.budget = self.budget.saturating_add(MAX_OPTIONS.saturating_mul(exports.len() as u32));
+                option_reply(out, opt::LIST, rep::ACK, b"");
+            }
+        }
+        Step::Continue
+    }
+
+    fn info_go(&mut self, option: u32, payload: &[u8], ex: &mut dyn Exports, out: &mut Vec<u8>) -> Step {
+        let Some((name, infos)) = parse_info_go(payload) else {
+            option_reply(out, option, rep::ERR_INVALID, b"");
+            return Step::Continue;
+        };
+        let name_str = String::from_utf8_lossy(name);
+        let info = match ex.open(&name_str) {
+            Ok(i) => i,
+            Err(msg) => {
+                option_reply(out, option, rep::ERR_UNKNOWN, clip(msg.as_bytes()));
+                return Step::Continue;
+            }
+        };
+        let eflags = self.eflags(&info.caps);
+        let mut p = Vec::with_capacity(12);
+        p.put_u16(info::EXPORT);
+        p.put_u64(info.size);
+        p.put_u16(eflags);
+        option_reply(out, option, rep::INFO, &p);
+        let wants = |t: u16| infos.chunks_exact(2).any(|c| u16::from_be_bytes([c[0], c[1]]) == t);
+        if wants(info::NAME) {
+            let mut p = Vec::new();
+            p.put_u16(info::NAME);
+            p.extend_from_slice(info.name.as_bytes());
+            option_reply(out, option, rep::INFO, &p);
+        }
+        if let (true, Some(d)) = (wants(info::DESCRIPTION), &info.description) {
+            let mut p = Vec::new();
+            p.put_u16(info::DESCRIPTION);
+            p.extend_from_slice(d.as_bytes());
+            option_reply(out, option, rep::INFO, &p);
+        }
+        if let (true, Some(b)) = (wants(info::BLOCK_SIZE), info.block_size) {
+            let mut p = Vec::new();
+            p.put_u16(info::BLOCK_SIZE);
+            p.put_u32(b.min);
+            p.put_u32(b.preferred);
+            // We serve READ/WRITE up to MAX_REQUEST_SIZE: never promise more.
+            p.put_u32(b.max.min(MAX_REQUEST_SIZE));
+            option_reply(out, option, rep::INFO, &p);
+        }
+        option_reply(out, option, rep::ACK, b"");
+        if option == opt::INFO {
+            ex.close();
+            return Step::Continue;
+        }
+        self.finish(name, info, eflags);
+        Step::Transmission
+    }
+
+    fn meta_context(&mut self, option: u32, payload: &[u8], out: &mut Vec<u8>) {
+        let set = option == opt::SET_META_CONTEXT;
+        if set {
+            self.meta = None; // SET replaces the selection even when it fails
+        }
+        if self.policy.no_mc {
+            option_reply(out, option, rep::ERR_UNSUP, b"");
+            return;
+        }
+        if set && !(self.structured || self.extended) {
+            option_reply(out, option, rep::ERR_INVALID, b"");
+            return;
+        }
+        let Some((name, queries)) = parse_meta(payload) else {
+            option_reply(out, option, rep::ERR_INVALID, b"");
+            return;
+        };
+        let base = if set {
+            queries.iter().any(|q| *q == BASE_ALLOCATION.as_bytes())
+        } else {
+            queries.is_empty() || queries.iter().any(|q| *q == b"base:" || *q == BASE_ALLOCATION.as_bytes())
+        };
+        if base {
+            let mut p = Vec::new();
+            p.put_u32(if set { BASE_ALLOCATION_ID } else { 0 });
+            p.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            option_reply(out, option, rep::META_CONTEXT, &p);
+        }
+        if set {
+            self.meta = Some((name.to_vec(), base));
+        }
+        option_reply(out, option, rep::ACK, b"");
+    }
+}
+
+/// Error messages in option replies are at most 4096 bytes, else empty.
+fn clip(msg: &[u8]) -> &[u8] {
+    if msg.len() <= MAX_STRING { msg } else { b"" }
+}
+
+/// INFO/GO payload: u32 name length, name, u16 count, count × u16 types.
+/// `None` for any structural error or an invalid name.
+pub fn parse_info_go(payload: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut r = Reader::new(payload);
+    let len = r.u32().ok()? as usize;
+    if len > MAX_STRING {
+        return None;
+    }
+    let name = r.take(len).ok()?;
+    let n = r.u16().ok()? as usize;
+    let infos = r.take(2 * n).ok()?;
+    if r.remaining() != 0 || name.contains(&0) {
+        return None;
+    }
+    Some((name, infos))
+}
+
+/// Meta-context payload: u32 name length, name, u32 count, count ×
+/// (u32 length, query). `None` for any structural error.
+pub fn parse_meta(payload: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+    let mut r = Reader::new(payload);
+    let len = r.u32().ok()? as usize;
+    if len > MAX_STRING {
+        return None;
+    }
+    let name = r.take(len).ok()?;
+    let n = r.u32().ok()?;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        // Each query takes at least 4 bytes, so a huge count ends quickly.
+        let l = r.u32().ok()? as usize;
+        if l > MAX_STRING {
+            return None;
+        }
+        queries.push(r.take(l).ok()?);
+    }
+    if r.remaining() != 0 || name.contains(&0) {
+        return None;
+    }
+    Some((name, queries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    struct Fake {
+        opens: u32,
+        open: bool,
+    }
+
+    impl Exports for Fake {
+        fn list(&mut self) -> Result<Vec<Export>, String> {
+            Ok(vec![Export::new(""), Export { name: "b".into(), description: Some("disk b".into()) }])
+        }
+        fn open(&mut self, name: &str) -> Result<ExportInfo, String> {
+            if name != "" && name != "b" {
+                return Err(format!("no export {name}"));
+            }
+            self.opens += 1;
+            self.open = true;
+            Ok(ExportInfo {
+                name: if name.is_empty() { "default".into() } else { name.into() },
+                size: 1 << 20,
+                caps: Caps { write: true, flush: true, ..Caps::default() },
+                block_size: Some(BlockSize { min: 1, preferred: 4096, max: u32::MAX }),
+                description: None,
+            })
+        }
+        fn close(&mut self) {
+            self.open = false;
+        }
+    }
+
+    fn neg() -> (Negotiation, Fake) {
+        let policy = Policy { multi_conn: true, extended_headers: true, ..Policy::default() };
+        (Negotiation::new(policy, 3, 3).unwrap(), Fake { opens: 0, open: false })
+    }
+
+    fn go_payload(name: &[u8], infos: &[u16]) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.put_u32(name.len() as u32);
+        p.extend_from_slice(name);
+        p.put_u16(infos.len() as u16);
+        for i in infos {
+            p.put_u16(*i);
+        }
+        p
+    }
+
+    /// Reply types in `out`, in order.
+    fn reply_types(out: &[u8]) -> Vec<u32> {
+        let mut r = Reader::new(out);
+        let mut v = Vec::new();
+        while r.remaining() > 0 {
+            r.u64().unwrap();
+            r.u32().unwrap();
+            v.push(r.u32().unwrap());
+            let l = r.u32().unwrap() as usize;
+            r.take(l).unwrap();
+        }
+        v
+    }
+
+    fn run(n: &mut Negotiation, f: &mut Fake, option: u32, payload: &[u8]) -> (Step, Vec<u32>) {
+        let mut out = Vec::new();
+        let s = n.handle(option, Payload::Bytes(payload), f, &mut out);
+        (s, reply_types(&out))
+    }
+
+    #[test]
+    fn unknown_client_flags_close() {
+        assert!(Negotiation::new(Policy::default(), 3, 0xffff_ffff).is_err()); // H01
+    }
+
+    #[test]
+    fn non_fixed_clients_get_only_export_name() {
+        let mut n = Negotiation::new(Policy::default(), 3, 0).unwrap();
+        let mut f = Fake { opens: 0, open: false };
+        let (s, t) = run(&mut n, &mut f, opt::GO, &go_payload(b"", &[]));
+        assert_eq!((s, t), (Step::Continue, vec![rep::ERR_INVALID])); // H02
+        let mut out = Vec::new();
+        assert_eq!(n.handle(opt::EXPORT_NAME, Payload::Bytes(b""), &mut f, &mut out), Step::Transmission);
+        assert_eq!(out.len(), 8 + 2 + 124);
+    }
+
+    #[test]
+    fn option_cases_from_bad_input() {
+        let (mut n, mut f) = neg();
+        assert_eq!(run(&mut n, &mut f, 0x1234, b"0123456789").1, vec![rep::ERR_UNSUP]); // H07
+        assert_eq!(run(&mut n, &mut f, opt::LIST, b"x").1, vec![rep::ERR_INVALID]); // H08
+        assert_eq!(run(&mut n, &mut f, opt::STRUCTURED_REPLY, b"x").1, vec![rep::ERR_INVALID]); // H11
+        assert_eq!(run(&mut n, &mut f, opt::STRUCTURED_REPLY, b"").1, vec![rep::ACK]);
+        assert_eq!(run(&mut n, &mut f, opt::STRUCTURED_REPLY, b"").1, vec![rep::ERR_INVALID]); // H10
+        assert_eq!(run(&mut n, &mut f, opt::STARTTLS, b"").1, vec![rep::ERR_POLICY]); // H12
+        assert_eq!(run(&mut n, &mut f, opt::GO, b"\0\0\0").1, vec![rep::ERR_INVALID]); // H13
+        let mut p = go_payload(b"abc", &[]);
+        p[3] = 9;
+        assert_eq!(run(&mut n, &mut f, opt::GO, &p).1, vec![rep::ERR_INVALID]); // H14
+        p[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(run(&mut n, &mut f, opt::GO, &p).1, vec![rep::ERR_INVALID]); // H15
+        let mut p = go_payload(b"", &[1]);
+        p[5] = 0xf4; // 500 infos declared, 1 present
+        assert_eq!(run(&mut n, &mut f, opt::INFO, &p).1, vec![rep::ERR_INVALID]); // H16
+        assert_eq!(run(&mut n, &mut f, opt::GO, &go_payload(&[b'a'; 4097], &[])).1, vec![rep::ERR_INVALID]); // H17
+        assert_eq!(run(&mut n, &mut f, opt::GO, &go_payload(b"a\0b", &[])).1, vec![rep::ERR_INVALID]); // H18
+        assert_eq!(run(&mut n, &mut f, opt::GO, &go_payload(&[b'a'; 4096], &[])).1, vec![rep::ERR_UNKNOWN]); // H21
+        assert_eq!(f.opens, 0);
+    }
+
+    #[test]
+    fn info_then_go_opens_once_each() {
+        let (mut n, mut f) = neg();
+        let (s, t) = run(&mut n, &mut f, opt::INFO, &go_payload(b"", &[info::NAME, 0x7777, info::BLOCK_SIZE]));
+        assert_eq!(s, Step::Continue);
+        assert_eq!(t, vec![rep::INFO, rep::INFO, rep::INFO, rep::ACK]); // H20
+        assert!(!f.open);
+        let (s, _) = run(&mut n, &mut f, opt::GO, &go_payload(b"", &[]));
+        assert_eq!(s, Step::Transmission);
+        assert_eq!(f.opens, 2);
+        assert!(f.open);
+    }
+
+    #[test]
+    fn meta_context_rules() {
+        let (mut n, mut f) = neg();
+        let mut q = Vec::new();
+        q.put_u32(0);
+        q.put_u32(1);
+        q.put_u32(15);
+        q.extend_from_slice(b"base:allocation");
+        assert_eq!(run(&mut n, &mut f, opt::SET_META_CONTEXT, &q).1, vec![rep::ERR_INVALID]); // H25
+        assert_eq!(run(&mut n, &mut f, opt::LIST_META_CONTEXT, &q).1, vec![rep::META_CONTEXT, rep::ACK]);
+        run(&mut n, &mut f, opt::STRUCTURED_REPLY, b"");
+        assert_eq!(run(&mut n, &mut f, opt::SET_META_CONTEXT, &q).1, vec![rep::META_CONTEXT, rep::ACK]);
+        // 3 queries declared, 1 present: error, and the selection is gone (H27).
+        let mut bad = q.clone();
+        bad[7] = 3;
+        assert_eq!(run(&mut n, &mut f, opt::SET_META_CONTEXT, &bad).1, vec![rep::ERR_INVALID]);
+        run(&mut n, &mut f, opt::GO, &go_payload(b"", &[]));
+        assert!(!n.base_allocation);
+    }
+
+    #[test]
+    fn meta_context_for_another_export_is_dropped() {
+        let (mut n, mut f) = neg();
+        run(&mut n, &mut f, opt::STRUCTURED_REPLY, b"");
+        let mut q = Vec::new();
+        q.put_u32(5);
+        q.extend_from_slice(b"other");
+        q.put_u32(1);
+        q.put_u32(15);
+        q.extend_from_slice(b"base:allocation");
+        run(&mut n, &mut f, opt::SET_META_CONTEXT, &q);
+        run(&mut n, &mut f, opt::GO, &go_payload(b"", &[]));
+        assert!(!n.base_allocation); // H31
+    }
+
+    #[test]
+    fn too_many_options_close() {
+        let (mut n, mut f) = neg();
+        for _ in 0..MAX_OPTIONS {
+            assert_eq!(run(&mut n, &mut f, 0x1234, b"").0, Step::Continue);
+        }
+        assert_eq!(run(&mut n, &mut f, 0x1234, b"").0, Step::Close); // H32
+    }
+
+    #[test]
+    fn intake_caps_lengths() {
+        let (n, _) = neg();
+        assert_eq!(n.intake(opt::GO, u32::MAX), Intake::Close); // H04
+        assert_eq!(n.intake(opt::GO, 65 << 20), Intake::Close); // H05
+        assert_eq!(n.intake(opt::EXPORT_NAME, 4097), Intake::Close); // H23
+        assert_eq!(n.intake(0x1234, 10), Intake::Discard); // H07
+        assert_eq!(n.intake(opt::GO, 100), Intake::Buffer);
+        assert_eq!(n.intake(opt::SET_META_CONTEXT, 2 << 20), Intake::Close);
+    }
+
+    proptest! {
+        #[test]
+        fn any_option_bytes_never_panic(option in 0u32..16, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let (mut n, mut f) = neg();
+            let mut out = Vec::new();
+            let _ = n.handle(option, Payload::Bytes(&payload), &mut f, &mut out);
+            let _ = reply_types(&out);
+        }
+    }
+}
