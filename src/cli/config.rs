@@ -1,0 +1,116 @@
+//! What the command line asks for, after parsing and checking.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `-U`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unix {
+    /// A path (made absolute).
+    Path(PathBuf),
+    /// `-U -`: a private socket in a fresh temporary directory.
+    Private,
+}
+
+/// `-4` / `-6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    /// Both.
+    #[default]
+    Any,
+    /// `-4`.
+    V4,
+    /// `-6`.
+    V6,
+}
+
+/// `--log`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LogDest {
+    /// `default`: stderr in the foreground, syslog once forked.
+    #[default]
+    Default,
+    /// `stderr`.
+    Stderr,
+    /// `syslog`.
+    Syslog,
+    /// `null`.
+    Null,
+    /// An absolute path, appended to.
+    File(PathBuf),
+}
+
+/// `--tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// off.
+    #[default]
+    Off,
+    /// on: clients may upgrade.
+    On,
+    /// require.
+    Require,
+}
+
+/// Everything needed to serve.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Plugin name.
+    pub plugin: String,
+    /// Filter names, outermost first.
+    pub filters: Vec<String>,
+    /// key=value parameters in command-line order, magic keys resolved.
+    pub params: Vec<(String, String)>,
+    /// `-f`.
+    pub foreground: bool,
+    /// `-P`, absolute.
+    pub pidfile: Option<PathBuf>,
+    /// `-U`.
+    pub unix: Option<Unix>,
+    /// `-p`, verbatim.
+    pub port: Option<String>,
+    /// `-i`.
+    pub ipaddr: Option<String>,
+    /// `-4` / `-6`.
+    pub family: Family,
+    /// `-s`.
+    pub single: bool,
+    /// `--run`.
+    pub run: Option<String>,
+    /// `--print-uri`.
+    pub print_uri: bool,
+    /// `-e`.
+    pub export_name: Option<String>,
+    /// `--exit-with-parent`.
+    pub exit_with_parent: bool,
+    /// `-r`.
+    pub readonly: bool,
+    /// `-t` (0 = default 16).
+    pub threads: u32,
+    /// `-v`.
+    pub verbose: bool,
+    /// `-D NAME.FLAG=N`, in order.
+    pub debug_flags: Vec<(String, String, i64)>,
+    /// `--log`.
+    pub log: LogDest,
+    /// `--no-sr`.
+    pub no_sr: bool,
+    /// `--no-mc`.
+    pub no_mc: bool,
+    /// `--mask-handshake` (default all bits).
+    pub mask_handshake: u32,
+    /// `-o`.
+    pub oldstyle: bool,
+    /// `--keepalive`.
+    pub keepalive: bool,
+    /// `--timeout` (None = default; Some(ZERO) = disabled).
+    pub timeout: Option<Duration>,
+    /// `--tls`.
+    pub tls: TlsMode,
+    /// `--tls-certificates`.
+    pub tls_certificates: Option<PathBuf>,
+    /// `--tls-psk`.
+    pub tls_psk: Option<PathBuf>,
+    /// `--tls-verify-peer`.
+    pub tls_verify_peer: bool,
+}
