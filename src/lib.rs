@@ -17,3 +17,11 @@ pub mod plugins;
 pub mod proto;
 pub mod server;
 pub mod util;
+
+/// The whole program: command line, then serving. Returns the exit code.
+pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    match cli::parse(args) {
+        cli::Action::Exit(code) => code,
+        cli::Action::Serve(cfg) => server::run(*cfg),
+    }
+}

@@ -97,6 +97,9 @@ impl Extents {
             }
         }
         if self.list.len() >= MAX_EXTENTS {
+            // Full: the list stops here, so nothing may coalesce across
+            // the extents dropped from now on.
+            self.end = self.list.last().map_or(self.start, |e| e.offset + e.length);
             return Ok(());
         }
         self.list.push(Extent { offset: first, length: stop - first, typ });

@@ -1,0 +1,291 @@
+//! One task per connection: preconnect, the handshake (oldstyle, or the
+//! newstyle option loop driven by [`crate::proto::negotiate`]) under the
+//! handshake timeout, then the transmission phase.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::transmission::{self, Session};
+use super::Shared;
+use crate::backend::{Handle, Next};
+use crate::proto::codec::DecodeError;
+use crate::proto::handshake::{self, OptionHeader, OPTION_HEADER_LEN};
+use crate::proto::negotiate::{ExportInfo, Exports, Intake, Negotiation, Payload, Step};
+use crate::proto::reply::Mode;
+use crate::proto::request;
+use crate::proto::wire::{opt, rep};
+use crate::util::{log, shutdown};
+
+/// Why a connection ended early.
+#[derive(Debug)]
+pub enum End {
+    /// The socket failed or the peer hung up.
+    Io(std::io::Error),
+    /// The peer broke the protocol.
+    Protocol(DecodeError),
+    /// Negotiation ended without an export (ABORT, failed EXPORT_NAME…).
+    Closed,
+    /// The handshake took longer than `--timeout`.
+    Timeout,
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> End {
+        End::Io(e)
+    }
+}
+
+impl From<DecodeError> for End {
+    fn from(e: DecodeError) -> End {
+        End::Protocol(e)
+    }
+}
+
+/// A connection's byte streams and a way to shut the socket down.
+pub struct Streams<R, W> {
+    /// Client → server.
+    pub reader: R,
+    /// Server → client.
+    pub writer: W,
+    /// Shuts the socket down (both directions) to unblock pending I/O.
+    pub shutdown: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Serves one client to the end.
+pub async fn serve<R, W>(shared: Arc<Shared>, mut s: Streams<R, W>, instance: u64)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = format!("{}[{}]", shared.chain.plugin_name(), instance);
+    log::set_context(Some(ctx.clone()));
+    let chain = shared.chain;
+    let readonly = shared.readonly;
+    let pre = blocking::unblock(move || chain.top().preconnect(readonly)).await;
+    if let Err(e) = pre {
+        log::error(e.message());
+        return;
+    }
+    let timeout = shared.timeout;
+    let handshake = handshake(&shared, &mut s.reader, &mut s.writer);
+    let result = if timeout.is_zero() {
+        handshake.await
+    } else {
+        futures_lite::future::or(handshake, async {
+            async_io::Timer::after(timeout).await;
+            Err(End::Timeout)
+        })
+        .await
+    };
+    let session = match result {
+        Ok(session) => session,
+        Err(End::Timeout) => {
+            crate::debug!("connection timed out");
+            (s.shutdown)();
+            return;
+        }
+        Err(End::Protocol(e)) => {
+            crate::debug!("handshake: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let gone = Arc::new(AtomicBool::new(false));
+    transmission::run(&shared, session, s.reader, s.writer, &gone, ctx).await;
+    gone.store(true, Ordering::Release);
+    shutdown::wake_sleepers();
+    (s.shutdown)();
+}
+
+async fn handshake<R, W>(shared: &Arc<Shared>, r: &mut R, w: &mut W) -> Result<Session, End>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut ex = ConnExports { shared: shared.clone(), handle: None };
+    if shared.oldstyle {
+        let info = blocking_open(&mut ex, "").await.map_err(|_| End::Closed)?;
+        let neg = Negotiation::new(shared.policy, 0, 0)?;
+        let eflags = neg.eflags(&info.caps);
+        crate::debug!("oldstyle negotiation: flags: global 0x0 export 0x{eflags:x}");
+        w.write_all(&handshake::oldstyle(info.size, eflags)).await?;
+        w.flush().await?;
+        let handle = ex.handle.take().ok_or(End::Closed)?;
+        return Ok(session(handle, &info, eflags, Mode::Simple, false, false));
+    }
+
+    let (greeting, gflags) = handshake::greeting(shared.mask_handshake);
+    crate::debug!("newstyle negotiation: flags: global 0x{gflags:x}");
+    w.write_all(&greeting).await?;
+    w.flush().await?;
+    let mut cflags = [0; 4];
+    r.read_exact(&mut cflags).await?;
+    let mut neg = Negotiation::new(shared.policy, gflags, u32::from_be_bytes(cflags))?;
+    let mut payload = Vec::new();
+    loop {
+        let mut hdr = [0; OPTION_HEADER_LEN];
+        r.read_exact(&mut hdr).await?;
+        let h = OptionHeader::decode(&hdr)?;
+        let intake = neg.intake(h.option, h.len);
+        payload.clear();
+        match intake {
+            Intake::Close => return Err(End::Protocol(DecodeError::TooLong(h.len.into()))),
+            Intake::Discard => discard(r, h.len.into()).await?,
+            Intake::Buffer => {
+                payload.resize(h.len as usize, 0);
+                r.read_exact(&mut payload).await?;
+            }
+        }
+        let mut out = Vec::new();
+        if shutdown::requested() && h.option != opt::ABORT {
+            handshake::option_reply(&mut out, h.option, rep::ERR_SHUTDOWN, b"");
+            w.write_all(&out).await?;
+            w.flush().await?;
+            return Err(End::Closed);
+        }
+        let p = if intake == Intake::Discard { Payload::Dropped } else { Payload::Bytes(&payload) };
+        let step = if matches!(h.option, opt::LIST | opt::INFO | opt::GO | opt::EXPORT_NAME) {
+            // These call into the plugin, which may block: not on our thread.
+            let owned = payload.clone();
+            let dropped = intake == Intake::Discard;
+            let fresh = ConnExports { shared: ex.shared.clone(), handle: None };
+            let mut moved = std::mem::replace(&mut ex, fresh);
+            let ctx = log::context();
+            let (n, e, o, step) = blocking::unblock(move || {
+                log::set_context(ctx);
+                let p = if dropped { Payload::Dropped } else { Payload::Bytes(&owned) };
+                let step = neg.handle(h.option, p, &mut moved, &mut out);
+                (neg, moved, out, step)
+            })
+            .await;
+            neg = n;
+            ex = e;
+            out = o;
+            step
+        } else {
+            neg.handle(h.option, p, &mut ex, &mut out)
+        };
+        w.write_all(&out).await?;
+        w.flush().await?;
+        match step {
+            Step::Continue => {}
+            Step::Close => return Err(End::Closed),
+            Step::Transmission => {
+                let (info, eflags) = neg.chosen.take().ok_or(End::Closed)?;
+                crate::debug!("newstyle negotiation: flags: export 0x{eflags:x}");
+                let mode = if neg.extended {
+                    Mode::Extended
+                } else if neg.structured {
+                    Mode::Structured
+                } else {
+                    Mode::Simple
+                };
+                let handle = ex.handle.take().ok_or(End::Closed)?;
+                return Ok(session(handle, &info, eflags, mode, neg.extended, neg.base_allocation));
+            }
+        }
+    }
+}
+
+fn session(handle: Box<dyn Handle>, info: &ExportInfo, eflags: u16, mode: Mode, extended: bool, base: bool) -> Session {
+    Session {
+        handle: Arc::from(handle),
+        mode,
+        export: request::Export {
+            size: info.size,
+            eflags,
+            structured: mode != Mode::Simple,
+            extended,
+            base_allocation: base,
+        },
+    }
+}
+
+async fn blocking_open(ex: &mut ConnExports, name: &str) -> Result<ExportInfo, String> {
+    let fresh = ConnExports { shared: ex.shared.clone(), handle: None };
+    let mut moved = std::mem::replace(ex, fresh);
+    let name = name.to_string();
+    let ctx = log::context();
+    let (m, r) = blocking::unblock(move || {
+        log::set_context(ctx);
+        let r = moved.open(&name);
+        (moved, r)
+    })
+    .await;
+    *ex = m;
+    r
+}
+
+/// Reads and drops `n` bytes.
+pub async fn discard<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> std::io::Result<()> {
+    let mut buf = vec![0; 64 * 1024];
+    while n > 0 {
+        let k = n.min(buf.len() as u64) as usize;
+        r.read_exact(&mut buf[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// The export side of negotiation for one connection.
+struct ConnExports {
+    shared: Arc<Shared>,
+    handle: Option<Box<dyn Handle>>,
+}
+
+impl Exports for ConnExports {
+    fn list(&mut self) -> Result<Vec<crate::backend::Export>, String> {
+        let s = &*self.shared;
+        let top = s.chain.top();
+        let mut list = top.list_exports(s.readonly, false).map_err(|e| {
+            log::error(e.message());
+            e.message().to_string()
+        })?;
+        let default = top.default_export(s.readonly, false);
+        for e in &mut list {
+            // nbdkit_use_default_export's placeholder is the empty name.
+            if e.name.is_empty() {
+                if let Some(d) = &default {
+                    e.name = d.clone();
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    fn open(&mut self, name: &str) -> Result<ExportInfo, String> {
+        self.close();
+        let s = &*self.shared;
+        let top = s.chain.top();
+        let canonical = if name.is_empty() {
+            top.default_export(s.readonly, false).ok_or_else(|| "default export (\"\") not permitted".to_string())?
+        } else {
+            name.to_string()
+        };
+        let fail = |e: crate::error::Error| {
+            log::error(e.message());
+            e.message().to_string()
+        };
+        crate::debug!("{}: open readonly={} exportname=\"{}\" tls=0", s.chain.plugin_name(), s.readonly as u8, canonical);
+        let h = top.open(s.readonly, &canonical, false).map_err(fail)?;
+        let info = ExportInfo {
+            size: h.size().map_err(fail)?,
+            caps: h.caps().map_err(fail)?,
+            block_size: h.block_size().map_err(fail)?,
+            description: h.export_description(),
+            name: canonical,
+        };
+        self.handle = Some(h);
+        Ok(info)
+    }
+
+    fn close(&mut self) {
+        self.handle = None;
+    }
+}
+
+/// The handshake timeout when `--timeout` is not given.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
