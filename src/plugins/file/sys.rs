@@ -1,0 +1,223 @@
+//! The Linux calls std does not wrap (fallocate, block-device ioctls,
+//! SEEK_DATA/SEEK_HOLE, posix_fadvise, sync_file_range, openat, readdir),
+//! each behind a safe function with one small `unsafe` block.
+
+use std::ffi::{CStr, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+use libc::{c_int, c_uint, c_ushort, Ioctl};
+
+/// `_IO(0x12, nr)`, built on libc's `BLKSSZGET` (= `_IO(0x12, 104)`) so the
+/// direction bits are right for the architecture.
+const fn blk_io(nr: Ioctl) -> Ioctl {
+    (libc::BLKSSZGET & !0xff) | nr
+}
+
+/// Discard a byte range of a block device (`u64[2]` = offset, length).
+pub const BLKDISCARD: Ioctl = blk_io(119);
+/// Write zeroes to a byte range of a block device (`u64[2]`).
+pub const BLKZEROOUT: Ioctl = blk_io(127);
+/// Is the device rotational (`unsigned short`).
+const BLKROTATIONAL: Ioctl = blk_io(126);
+/// Device size in bytes: `_IOR(0x12, 114, size_t)`.
+#[cfg(any(target_arch = "mips", target_arch = "mips64", target_arch = "powerpc",
+          target_arch = "powerpc64", target_arch = "sparc", target_arch = "sparc64"))]
+const BLKGETSIZE64: Ioctl = 0x4008_1272_u32 as Ioctl;
+#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "powerpc",
+              target_arch = "powerpc64", target_arch = "sparc", target_arch = "sparc64")))]
+const BLKGETSIZE64: Ioctl = 0x8008_1272_u32 as Ioctl;
+
+fn cvt(r: c_int) -> io::Result<c_int> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn off(n: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(n).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// True for ENOTSUP/EOPNOTSUPP (the same number on Linux).
+pub fn is_enotsup(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EOPNOTSUPP)
+}
+
+/// `fallocate(2)`. ENODEV (old kernels on block devices) is reported as
+/// EOPNOTSUPP, as nbdkit does, so callers only test for one errno.
+pub fn fallocate(f: &File, mode: c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: plain syscall on an fd we own; no pointers involved.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, o, l) };
+    match cvt(r) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        r => r.map(drop),
+    }
+}
+
+/// `ioctl(fd, req, &u64[2] { offset, len })`: BLKDISCARD, BLKZEROOUT.
+pub fn blk_range(f: &File, req: Ioctl, offset: u64, len: u64) -> io::Result<()> {
+    debug_assert!(req == BLKDISCARD || req == BLKZEROOUT);
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: both requests read exactly two u64 from the pointer, which
+    // points at a live local array.
+    cvt(unsafe { libc::ioctl(f.as_raw_fd(), req, range.as_ptr()) }).map(drop)
+}
+
+/// # Safety
+/// `T` must have the size and layout of what the kernel writes for `req`.
+unsafe fn ioctl_get<T: Copy + Default>(f: &File, req: Ioctl) -> io::Result<T> {
+    let mut v = T::default();
+    // SAFETY: the caller guarantees the kernel writes exactly a T.
+    cvt(unsafe { libc::ioctl(f.as_raw_fd(), req, &mut v as *mut T) })?;
+    Ok(v)
+}
+
+/// BLKGETSIZE64: the size of a block device in bytes.
+pub fn device_size(f: &File) -> io::Result<u64> {
+    // SAFETY: BLKGETSIZE64 writes a u64.
+    unsafe { ioctl_get::<u64>(f, BLKGETSIZE64) }
+}
+
+/// BLKSSZGET: logical sector size.
+pub fn sector_size(f: &File) -> io::Result<u32> {
+    // SAFETY: BLKSSZGET writes an int.
+    let n = unsafe { ioctl_get::<c_int>(f, libc::BLKSSZGET) }?;
+    u32::try_from(n).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// BLKIOMIN and BLKIOOPT: minimum and optimal I/O sizes.
+pub fn io_sizes(f: &File) -> io::Result<(u32, u32)> {
+    // SAFETY: both requests write an unsigned int.
+    let min = unsafe { ioctl_get::<c_uint>(f, libc::BLKIOMIN) }?;
+    // SAFETY: as above.
+    let opt = unsafe { ioctl_get::<c_uint>(f, libc::BLKIOOPT) }?;
+    Ok((min, opt))
+}
+
+/// BLKROTATIONAL: true for spinning disks.
+pub fn rotational(f: &File) -> io::Result<bool> {
+    // SAFETY: BLKROTATIONAL writes an unsigned short.
+    unsafe { ioctl_get::<c_ushort>(f, BLKROTATIONAL) }.map(|r| r != 0)
+}
+
+/// `lseek(fd, offset, whence)` for SEEK_DATA / SEEK_HOLE. Only the return
+/// value is used (all I/O is positional), so racing seeks do not matter.
+pub fn seek(f: &File, offset: u64, whence: c_int) -> io::Result<u64> {
+    debug_assert!(whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE);
+    let o = off(offset)?;
+    // SAFETY: plain syscall, no pointers.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), o, whence) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
+/// `posix_fadvise(2)`; it returns the error number instead of setting errno.
+pub fn fadvise(f: &File, offset: u64, len: u64, advice: c_int) -> io::Result<()> {
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: plain syscall, no pointers.
+    match unsafe { libc::posix_fadvise(f.as_raw_fd(), o, l, advice) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// `sync_file_range(2)`.
+pub fn sync_file_range(f: &File, offset: u64, len: u64, flags: c_uint) -> io::Result<()> {
+    let (o, l) = (off(offset)?, off(len)?);
+    // SAFETY: plain syscall, no pointers.
+    cvt(unsafe { libc::sync_file_range(f.as_raw_fd(), o, l, flags) }).map(drop)
+}
+
+/// `openat(dir, name, flags | O_CLOEXEC | O_NOCTTY)`; `dir` may be `AT_FDCWD`.
+pub fn openat(dir: RawFd, name: &CStr, flags: c_int) -> io::Result<File> {
+    // SAFETY: `name` is NUL-terminated; without O_CREAT no mode is read.
+    let fd = cvt(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY) })?;
+    // SAFETY: openat just returned this fd and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// A close-on-exec duplicate of an inherited fd (`F_DUPFD_CLOEXEC`).
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall on a number; an invalid fd gives EBADF.
+    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: fcntl just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// The access mode of an open file (`O_RDONLY`, `O_WRONLY` or `O_RDWR`).
+pub fn access_mode(f: &File) -> io::Result<c_int> {
+    // SAFETY: plain syscall, no pointers.
+    cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) }).map(|fl| fl & libc::O_ACCMODE)
+}
+
+/// An open directory stream, closed on drop.
+struct Dir(*mut libc::DIR);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        // SAFETY: self.0 came from fdopendir and is closed only here.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+/// The names of the regular files and block devices directly inside the
+/// directory `dfd`, in readdir order, following symlinks (d_type first,
+/// fstatat when it is a link or unknown). `dfd` itself is left open.
+pub fn list_files(dfd: RawFd) -> io::Result<Vec<OsString>> {
+    let fd = dup(dfd)?.into_raw_fd();
+    // SAFETY: fd is ours; on success the stream owns it.
+    let dir = unsafe { libc::fdopendir(fd) };
+    if dir.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so fd is still ours to close.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        return Err(e);
+    }
+    let dir = Dir(dir);
+    // The duplicate shares its offset with dfd: start from the beginning.
+    // SAFETY: dir.0 is a valid stream.
+    unsafe { libc::rewinddir(dir.0) };
+    let mut names = Vec::new();
+    loop {
+        // readdir reports errors only through errno, so clear it first.
+        // SAFETY: errno is thread-local and always writable.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: dir.0 is a valid stream.
+        let ent = unsafe { libc::readdir(dir.0) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(0) { Ok(names) } else { Err(e) };
+        }
+        // SAFETY: a non-null entry stays valid until the next readdir on
+        // this stream, and d_name is NUL-terminated.
+        let (typ, name) = unsafe { ((*ent).d_type, CStr::from_ptr((*ent).d_name.as_ptr())) };
+        let wanted = match typ {
+            libc::DT_REG | libc::DT_BLK => true,
+            libc::DT_LNK | libc::DT_UNKNOWN => is_file_at(dfd, name),
+            _ => false,
+        };
+        if wanted {
+            names.push(OsStr::from_bytes(name.to_bytes()).to_os_string());
+        }
+    }
+}
+
+/// True if `name` in `dfd` is (or links to) a regular file or block device.
+fn is_file_at(dfd: RawFd, name: &CStr) -> bool {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: name is NUL-terminated and st is large enough for a stat.
+    if unsafe { libc::fstatat(dfd, name.as_ptr(), st.as_mut_ptr(), 0) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatat succeeded, so it filled st in.
+    let mode = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
+    mode == libc::S_IFREG || mode == libc::S_IFBLK
+}
