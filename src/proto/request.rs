@@ -59,9 +59,9 @@ impl Request {
 
     /// Bytes of payload that follow this header on the wire.
     pub fn payload_len(&self, extended: bool) -> u64 {
-        if extended {
-            if self.flags & cmdflag::PAYLOAD_LEN != 0 { self.count } else { 0 }
-        } else if self.cmd == cmd::WRITE {
+        // With extended headers a WRITE's length is its payload length
+        // whether or not PAYLOAD_LEN is set (qemu does not set it).
+        if self.cmd == cmd::WRITE || (extended && self.flags & cmdflag::PAYLOAD_LEN != 0) {
             self.count
         } else {
             0
@@ -126,7 +126,7 @@ pub fn validate(r: &Request, e: &Export) -> Result<(), u32> {
         || (f & cmdflag::DF != 0 && (r.cmd != cmd::READ || !has(eflag::SEND_DF)))
         || (f & cmdflag::REQ_ONE != 0 && r.cmd != cmd::BLOCK_STATUS)
         || (f & cmdflag::FUA != 0 && !has(eflag::SEND_FUA))
-        || (e.extended && (f & cmdflag::PAYLOAD_LEN != 0) != (r.cmd == cmd::WRITE))
+        || (f & cmdflag::PAYLOAD_LEN != 0 && r.cmd != cmd::WRITE)
     {
         return Err(errno::EINVAL);
     }
