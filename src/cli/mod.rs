@@ -27,7 +27,7 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Action {
             "-v" => cfg.verbose = true,
             "-o" => cfg.oldstyle = true,
             "--no-sr" => cfg.no_sr = true,
-            "-U" => cfg.unix = Some(match it.next().as_deref() { Some("-") => Unix::Private, Some(p) => Unix::Path(p.into()), None => return Action::Exit(1) }),
+            "-U" | "--unix" => cfg.unix = Some(match it.next().as_deref() { Some("-") => Unix::Private, Some(p) => Unix::Path(p.into()), None => return Action::Exit(1) }),
             "-p" => cfg.port = it.next(),
             "--print-uri" => cfg.print_uri = true,
             "--run" => { cfg.run = it.next(); cfg.foreground = true; if cfg.unix.is_none() && cfg.port.is_none() { cfg.unix = Some(Unix::Private) } }
