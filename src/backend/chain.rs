@@ -6,6 +6,7 @@ use super::checked::Checked;
 use super::registry::{self, FilterEntry, PluginEntry};
 use super::{Export, Filter, Handle, Next, Param, Plugin, ThreadModel};
 use crate::error::{Error, Result};
+use crate::util::log;
 
 /// A plugin with its filters, outermost first.
 pub struct Chain {
@@ -132,6 +133,9 @@ impl Layer<'_> {
     fn below(&self) -> Layer<'_> {
         Layer { chain: self.chain, index: self.index + 1 }
     }
+    fn name(&self) -> &'static str {
+        self.chain.filter_entries.get(self.index).map_or(self.chain.plugin_entry.name, |e| e.name)
+    }
     fn filter(&self) -> Option<&dyn Filter> {
         self.chain.filters.get(self.index).map(|f| &**f)
     }
@@ -161,10 +165,14 @@ impl Next for Layer<'_> {
     }
 
     fn open(&self, readonly: bool, export: &str, is_tls: bool) -> Result<Box<dyn Handle>> {
+        let name = self.name();
+        if log::trace_controlpath() {
+            log::debug(&format!("{name}: open readonly={} exportname=\"{export}\" tls={}", readonly as u8, is_tls as u8));
+        }
         let h = match self.filter() {
             Some(f) => f.open(&self.below(), readonly, export, is_tls)?,
             None => self.chain.plugin.open(readonly, export, is_tls)?,
         };
-        Ok(Box::new(Checked::new(h, readonly)?))
+        Ok(Box::new(Checked::new(name, h, readonly)?))
     }
 }

@@ -7,6 +7,16 @@
 
 use super::{BlockSize, Caps, Extents, Flags, Handle, Support};
 use crate::error::{Error, ErrorKind, Result};
+use crate::util::log;
+
+/// nbdkit's backend trace line, only built when `-v` asks for it.
+macro_rules! trace {
+    ($self:ident, $($arg:tt)*) => {
+        if log::trace_datapath() {
+            log::debug(&format!("{}: {}", $self.name, format_args!($($arg)*)));
+        }
+    };
+}
 
 /// Zero-write fallback chunk: a static buffer, so it costs no allocation.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -14,6 +24,7 @@ static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 
 /// One layer's handle, with its answers cached and its calls checked.
 pub struct Checked {
+    name: &'static str,
     inner: Box<dyn Handle>,
     size: u64,
     caps: Caps,
@@ -23,10 +34,17 @@ pub struct Checked {
 impl Checked {
     /// Wraps a freshly opened handle, asking its size and capabilities now
     /// (nbdkit asks them all during negotiation anyway).
-    pub fn new(inner: Box<dyn Handle>, readonly: bool) -> Result<Checked> {
+    pub fn new(name: &'static str, inner: Box<dyn Handle>, readonly: bool) -> Result<Checked> {
+        let control = log::trace_controlpath();
+        if control {
+            log::debug(&format!("{name}: get_size"));
+        }
         let size = inner.size()?;
         if size > i64::MAX as u64 {
             return Err(Error::invalid(format!("get_size: size {size} is larger than 2^63-1")));
+        }
+        if control {
+            log::debug(&format!("{name}: can_write, can_flush, is_rotational, can_trim, can_zero, can_fast_zero, can_extents, can_fua, can_multi_conn, can_cache"));
         }
         let mut caps = inner.caps()?;
         if readonly {
@@ -34,7 +52,7 @@ impl Checked {
         }
         let caps = caps.normalized();
         let blocks = inner.blocks();
-        Ok(Checked { inner, size, caps, blocks })
+        Ok(Checked { name, inner, size, caps, blocks })
     }
 
     fn range(&self, count: u64, offset: u64, kind: ErrorKind) -> Result<()> {
@@ -119,21 +137,27 @@ impl Handle for Checked {
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        trace!(self, "pread count={} offset={}", buf.len(), offset);
         self.range(buf.len() as u64, offset, ErrorKind::Invalid)?;
         self.inner.pread(buf, offset, flags)
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        trace!(self, "pwrite count={} offset={} fua={}", buf.len(), offset, flags.contains(Flags::FUA) as u8);
         self.writable()?;
         self.range(buf.len() as u64, offset, ErrorKind::NoSpace)?;
         self.with_fua(flags, |f| self.inner.pwrite(buf, offset, f))
     }
 
     fn flush(&self, flags: Flags) -> Result<()> {
+        if log::trace_controlpath() {
+            log::debug(&format!("{}: flush", self.name));
+        }
         self.inner.flush(flags)
     }
 
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        trace!(self, "trim count={} offset={} fua={}", count, offset, flags.contains(Flags::FUA) as u8);
         self.writable()?;
         if !self.caps.trim {
             return Err(Error::invalid("trim not supported"));
@@ -143,6 +167,8 @@ impl Handle for Checked {
     }
 
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        trace!(self, "zero count={} offset={} may_trim={} fua={} fast={}", count, offset,
+               flags.contains(Flags::MAY_TRIM) as u8, flags.contains(Flags::FUA) as u8, flags.contains(Flags::FAST_ZERO) as u8);
         self.writable()?;
         self.range(count, offset, ErrorKind::NoSpace)?;
         let fast = flags.contains(Flags::FAST_ZERO);
@@ -171,6 +197,7 @@ impl Handle for Checked {
     }
 
     fn extents(&self, count: u64, offset: u64, flags: Flags, ext: &mut Extents) -> Result<()> {
+        trace!(self, "extents count={} offset={} req_one={}", count, offset, flags.contains(Flags::REQ_ONE) as u8);
         self.range(count, offset, ErrorKind::Invalid)?;
         if !self.caps.extents {
             return ext.add(offset, count, 0);
@@ -184,6 +211,7 @@ impl Handle for Checked {
     }
 
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        trace!(self, "cache count={} offset={}", count, offset);
         self.range(count, offset, ErrorKind::Invalid)?;
         match self.caps.cache {
             Support::None => Err(Error::invalid("cache not supported")),
@@ -259,7 +287,7 @@ mod tests {
 
     #[test]
     fn readonly_turns_off_writes_without_asking() {
-        let c = Checked::new(ram(4096, RW, false), true).unwrap();
+        let c = Checked::new("ram", ram(4096, RW, false), true).unwrap();
         let caps = c.caps().unwrap();
         assert!(!caps.write && caps.zero == Support::None && caps.fua == Support::None);
         assert_eq!(c.pwrite(&[1; 512], 0, Flags::NONE).unwrap_err().kind(), ErrorKind::ReadOnly);
@@ -268,7 +296,7 @@ mod tests {
 
     #[test]
     fn ranges_are_checked_without_overflow() {
-        let c = Checked::new(ram(4096, RW, false), false).unwrap();
+        let c = Checked::new("ram", ram(4096, RW, false), false).unwrap();
         let mut b = [0; 512];
         assert_eq!(c.pread(&mut b, 4000, Flags::NONE).unwrap_err().kind(), ErrorKind::Invalid);
         assert_eq!(c.pwrite(&b, u64::MAX - 10, Flags::NONE).unwrap_err().kind(), ErrorKind::NoSpace);
@@ -280,7 +308,7 @@ mod tests {
     #[test]
     fn zero_falls_back_to_writes_but_not_for_fast_zero() {
         let caps = Caps { fast_zero: true, ..RW };
-        let c = Checked::new(ram(3 * ZERO_CHUNK, caps, true), false).unwrap();
+        let c = Checked::new("ram", ram(3 * ZERO_CHUNK, caps, true), false).unwrap();
         let e = c.zero(512, 0, Flags::FAST_ZERO).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotSupported);
         // More than one chunk: every chunk must be zeroed, not the first again.
@@ -307,7 +335,7 @@ mod tests {
 
     #[test]
     fn extents_are_synthesized_when_the_layer_has_none() {
-        let c = Checked::new(ram(4096, RW, false), false).unwrap();
+        let c = Checked::new("ram", ram(4096, RW, false), false).unwrap();
         let mut e = Extents::new(512, 4096);
         c.extents(1024, 512, Flags::NONE, &mut e).unwrap();
         assert_eq!(e.list(), &[super::super::Extent { offset: 512, length: 1024, typ: 0 }]);

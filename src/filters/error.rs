@@ -181,9 +181,8 @@ impl ErrorHandle {
         if !should_inject(s, &self.rng) {
             return Ok(());
         }
-        let msg = format!("injecting {} error into {}", s.kind.name(), op.name());
-        crate::log_error!("{msg}");
-        Err(Error::new(s.kind, msg))
+        // The server logs the message of every failed call, as nbdkit_error would.
+        Err(Error::new(s.kind, format!("injecting {} error into {}", s.kind.name(), op.name())))
     }
 }
 

@@ -269,7 +269,6 @@ impl Exports for ConnExports {
             log::error(e.message());
             e.message().to_string()
         };
-        crate::debug!("{}: open readonly={} exportname=\"{}\" tls=0", s.chain.plugin_name(), s.readonly as u8, canonical);
         let h = top.open(s.readonly, &canonical, false).map_err(fail)?;
         let info = ExportInfo {
             size: h.size().map_err(fail)?,

@@ -21,6 +21,24 @@ pub enum Dest {
 }
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
+static DATAPATH: AtomicBool = AtomicBool::new(true);
+static CONTROLPATH: AtomicBool = AtomicBool::new(true);
+
+/// `-D nbdkit.backend.datapath=N` and `-D nbdkit.backend.controlpath=N`.
+pub fn set_backend_trace(datapath: bool, controlpath: bool) {
+    DATAPATH.store(datapath, Ordering::Relaxed);
+    CONTROLPATH.store(controlpath, Ordering::Relaxed);
+}
+
+/// True if data calls are traced (`-v` and the datapath flag).
+pub fn trace_datapath() -> bool {
+    verbose() && DATAPATH.load(Ordering::Relaxed)
+}
+
+/// True if control calls are traced (`-v` and the controlpath flag).
+pub fn trace_controlpath() -> bool {
+    verbose() && CONTROLPATH.load(Ordering::Relaxed)
+}
 static DEST: OnceLock<Dest> = OnceLock::new();
 
 thread_local! {
