@@ -324,7 +324,7 @@ mod tests {
     fn fua_is_emulated_by_flush() {
         let r = ram(4096, RW, false);
         let flushes = r.flushes.clone();
-        let c = Checked::new(r, false).unwrap();
+        let c = Checked::new("ram", r, false).unwrap();
         c.pwrite(&[1; 512], 0, Flags::FUA).unwrap();
         assert_eq!(*flushes.lock().unwrap(), 1);
         c.zero(512, 0, Flags::FUA).unwrap();
