@@ -55,13 +55,20 @@ pub struct Streams<R, W> {
 }
 
 /// Serves one client to the end.
-pub async fn serve<R, W>(shared: Arc<Shared>, mut s: Streams<R, W>, instance: u64)
+pub async fn serve<R, W>(shared: Arc<Shared>, s: Streams<R, W>, instance: u64)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let ctx = format!("{}[{}]", shared.chain.plugin_name(), instance);
-    log::set_context(Some(ctx.clone()));
+    let ctx: Arc<str> = format!("{}[{}]", shared.chain.plugin_name(), instance).into();
+    log::WithContext::new(ctx.clone(), serve_inner(shared, s, ctx)).await
+}
+
+async fn serve_inner<R, W>(shared: Arc<Shared>, mut s: Streams<R, W>, ctx: Arc<str>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let chain = shared.chain;
     let readonly = shared.readonly;
     let pre = blocking::unblock(move || chain.top().preconnect(readonly)).await;

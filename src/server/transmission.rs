@@ -41,7 +41,7 @@ static ALL_REQUESTS: Mutex<()> = Mutex::new(());
 
 /// Runs the transmission phase until the client disconnects, breaks the
 /// protocol, or the server shuts down; waits for requests in flight.
-pub async fn run<R, W>(shared: &Arc<Shared>, s: Session, reader: R, writer: W, gone: &Arc<AtomicBool>, ctx: String)
+pub async fn run<R, W>(shared: &Arc<Shared>, s: Session, reader: R, writer: W, gone: &Arc<AtomicBool>, ctx: Arc<str>)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -129,7 +129,7 @@ where
             continue;
         }
         let (h, w, g, export, mode, ctx) = (s.handle.clone(), writer.clone(), gone.clone(), s.export, s.mode, ctx.clone());
-        let task = async move {
+        let task = log::WithContext::new(ctx.clone(), async move {
             let r = blocking::unblock(move || {
                 log::set_context(Some(ctx));
                 shutdown::with_connection(&g, || execute(&*h, &req, payload, mode, &export, serialize_all))
@@ -137,7 +137,7 @@ where
             .await;
             let _ = send(&w, r).await;
             drop(permit);
-        };
+        });
         if parallel {
             super::spawn(task);
         } else {

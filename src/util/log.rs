@@ -5,7 +5,10 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 
 /// Where error messages go (`--log`).
 #[derive(Debug)]
@@ -42,7 +45,7 @@ pub fn trace_controlpath() -> bool {
 static DEST: OnceLock<Dest> = OnceLock::new();
 
 thread_local! {
-    static CONTEXT: RefCell<Option<String>> = const { RefCell::new(None) };
+    static CONTEXT: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
 }
 
 /// Turn debug messages on (`-v`).
@@ -61,13 +64,37 @@ pub fn set_dest(d: Dest) {
 }
 
 /// Name this thread's messages `NAME[N]` (a connection's plugin and instance).
-pub fn set_context(ctx: Option<String>) {
+pub fn set_context(ctx: Option<Arc<str>>) {
     CONTEXT.with(|c| *c.borrow_mut() = ctx);
 }
 
 /// This thread's context, to carry it onto another thread.
-pub fn context() -> Option<String> {
+pub fn context() -> Option<Arc<str>> {
     CONTEXT.with(|c| c.borrow().clone())
+}
+
+/// A future whose every poll runs with the log context `ctx`: async
+/// tasks move between threads, so a thread-local set once is not enough.
+pub struct WithContext<F> {
+    ctx: Arc<str>,
+    inner: Pin<Box<F>>,
+}
+
+impl<F> WithContext<F> {
+    /// Wraps `inner`.
+    pub fn new(ctx: Arc<str>, inner: F) -> WithContext<F> {
+        WithContext { ctx, inner: Box::pin(inner) }
+    }
+}
+
+impl<F: Future> Future for WithContext<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let prev = CONTEXT.with(|c| c.replace(Some(self.ctx.clone())));
+        let r = self.inner.as_mut().poll(cx);
+        CONTEXT.with(|c| *c.borrow_mut() = prev);
+        r
+    }
 }
 
 fn prefix() -> String {
