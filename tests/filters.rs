@@ -250,7 +250,6 @@ fn server_stderr(args: &[&str], script: &str) -> String {
 }
 
 #[test]
-#[ignore = "server bug: every injected error is logged twice (by the error filter, then again by the transmission loop)"]
 fn error_filter_logs_each_injected_error_once() {
     require!("nbdsh", "--version");
     let text = server_stderr(&["--filter=error", "memory", "1M", "error-pread-rate=1"], "h.pread(1, 0)");
@@ -259,7 +258,6 @@ fn error_filter_logs_each_injected_error_once() {
 }
 
 #[test]
-#[ignore = "server bug: request error lines lose their `memory[1]: ` context when the request runs on another thread"]
 fn request_error_lines_name_the_plugin_and_connection() {
     require!("nbdsh", "--version");
     let script = "for i in range(20):\n    try: h.pread(1, i)\n    except nbd.Error: pass\nh.pread(1, 0)";
