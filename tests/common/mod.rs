@@ -102,7 +102,9 @@ impl Server {
             .expect("cannot run the nbdkit binary");
         let mut srv = Server { child, sock, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !srv.sock.exists() {
+        // The socket file exists between bind() and listen(): wait for a
+        // connect that succeeds, not just for the file.
+        while UnixStream::connect(&srv.sock).is_err() {
             if let Ok(Some(st)) = srv.child.try_wait() {
                 panic!("nbdkit {args:?} exited early: {st}");
             }
