@@ -178,7 +178,8 @@ fn start(cfg: Config) -> Result<i32, String> {
         timeout: cfg.timeout.unwrap_or(connection::DEFAULT_TIMEOUT),
         quit: rx,
     });
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    // The main thread runs the executor too.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8) - 1;
     for i in 0..workers {
         let _ = std::thread::Builder::new().name(format!("{}.{i}", chain.plugin_name())).spawn(|| {
             smol::block_on(EXECUTOR.run(std::future::pending::<()>()))

@@ -30,10 +30,55 @@ pub struct Session {
     pub export: request::Export,
 }
 
-/// A reply ready to send: header bytes, then optional data.
+/// A reply ready to send: header bytes, then `data[..data_len]`.
 pub struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
+    data_len: usize,
+}
+
+impl Reply {
+    fn head_only(head: Vec<u8>) -> Reply {
+        Reply { head, data: Vec::new(), data_len: 0 }
+    }
+}
+
+/// Requests up to this size on a handle that never blocks run inline;
+/// bigger ones go to the thread pool so both cores copy bytes.
+const INLINE_MAX: u64 = 128 * 1024;
+
+/// Data buffers a connection reuses, so a request costs no allocation
+/// and no clearing of memory that the plugin overwrites anyway.
+#[derive(Default)]
+pub struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    /// A buffer of at least `n` initialized bytes, or ENOMEM.
+    fn get(&self, n: usize) -> Result<Vec<u8>, Error> {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = match free.iter().position(|b| b.len() >= n) {
+            Some(i) => return Ok(free.swap_remove(i)),
+            None => free.pop().unwrap_or_default(),
+        };
+        drop(free);
+        v.clear();
+        if v.try_reserve_exact(n).is_err() {
+            return Err(Error::new(ErrorKind::NoMem, "cannot allocate a request buffer"));
+        }
+        v.resize(n, 0);
+        Ok(v)
+    }
+
+    /// Gives a buffer back.
+    fn put(&self, v: Vec<u8>) {
+        if v.capacity() == 0 {
+            return;
+        }
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < 8 {
+            free.push(v);
+        }
+    }
 }
 
 /// Held around every callback under the serialize_all_requests model.
@@ -56,6 +101,7 @@ where
     let inline = !s.handle.blocks();
     let serialize_all = shared.model <= ThreadModel::SerializeAllRequests;
     let quit = shared.quit.clone();
+    let pool = Arc::new(Pool::default());
 
     loop {
         let mut hdr = [0u8; EXT_REQUEST_LEN];
@@ -94,48 +140,52 @@ where
                 break;
             }
             crate::debug!("invalid request {}: sending error reply: {e}", cmd::name(req.cmd));
-            if send(&writer, error_reply(&req, s.mode, e)).await.is_err() {
+            if send(&writer, error_reply(&req, s.mode, e), &pool).await.is_err() {
                 break;
             }
             continue;
         }
         let mut payload = Vec::new();
         if plen > 0 {
-            if payload.try_reserve_exact(plen as usize).is_err() {
-                if discard(&mut reader, plen).await.is_err() {
-                    break;
+            payload = match pool.get(plen as usize) {
+                Ok(p) => p,
+                Err(_) => {
+                    if discard(&mut reader, plen).await.is_err() {
+                        break;
+                    }
+                    if send(&writer, error_reply(&req, s.mode, errno::ENOMEM), &pool).await.is_err() {
+                        break;
+                    }
+                    continue;
                 }
-                if send(&writer, error_reply(&req, s.mode, errno::ENOMEM)).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            payload.resize(plen as usize, 0);
-            if reader.read_exact(&mut payload).await.is_err() {
+            };
+            if reader.read_exact(&mut payload[..plen as usize]).await.is_err() {
                 break; // a half-sent write is never passed to the plugin
             }
         }
         if shutdown::requested() {
-            let _ = send(&writer, error_reply(&req, s.mode, errno::ESHUTDOWN)).await;
+            let _ = send(&writer, error_reply(&req, s.mode, errno::ESHUTDOWN), &pool).await;
             continue;
         }
         let permit = sem.acquire_arc().await;
-        if inline {
-            let r = execute(&*s.handle, &req, payload, s.mode, &s.export, serialize_all);
+        if inline && req.count <= INLINE_MAX {
+            let r = execute(&*s.handle, &req, payload, s.mode, &s.export, serialize_all, &pool);
             drop(permit);
-            if send(&writer, r).await.is_err() {
+            if send(&writer, r, &pool).await.is_err() {
                 break;
             }
             continue;
         }
-        let (h, w, g, export, mode, ctx) = (s.handle.clone(), writer.clone(), gone.clone(), s.export, s.mode, ctx.clone());
+        let (h, w, g, export, mode, ctx, p) =
+            (s.handle.clone(), writer.clone(), gone.clone(), s.export, s.mode, ctx.clone(), pool.clone());
         let task = log::WithContext::new(ctx.clone(), async move {
+            let p2 = p.clone();
             let r = blocking::unblock(move || {
                 log::set_context(Some(ctx));
-                shutdown::with_connection(&g, || execute(&*h, &req, payload, mode, &export, serialize_all))
+                shutdown::with_connection(&g, || execute(&*h, &req, payload, mode, &export, serialize_all, &p2))
             })
             .await;
-            let _ = send(&w, r).await;
+            let _ = send(&w, r, &p).await;
             drop(permit);
         });
         if parallel {
@@ -154,19 +204,33 @@ where
     let _ = w.flush().await;
 }
 
-async fn send<W: AsyncWrite + Unpin>(w: &async_lock::Mutex<W>, r: Reply) -> std::io::Result<()> {
-    let mut w = w.lock().await;
-    if r.data.is_empty() {
-        w.write_all(&r.head).await?;
-    } else if r.data.len() <= 16 * 1024 {
-        let mut one = r.head;
-        one.extend_from_slice(&r.data);
-        w.write_all(&one).await?;
-    } else {
-        w.write_all(&r.head).await?;
-        w.write_all(&r.data).await?;
+/// Writes a whole reply (one vectored write in the common case) and
+/// gives its data buffer back to the pool.
+async fn send<W: AsyncWrite + Unpin>(w: &async_lock::Mutex<W>, r: Reply, pool: &Pool) -> std::io::Result<()> {
+    let result = {
+        let mut w = w.lock().await;
+        write_all2(&mut *w, &r.head, &r.data[..r.data_len]).await
+    };
+    pool.put(r.data);
+    result
+}
+
+/// `write_all` of two buffers with vectored writes.
+async fn write_all2<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    while !a.is_empty() || !b.is_empty() {
+        let n = futures_lite::future::poll_fn(|cx| {
+            std::pin::Pin::new(&mut *w).poll_write_vectored(cx, &[IoSlice::new(a), IoSlice::new(b)])
+        })
+        .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
     }
-    w.flush().await
+    Ok(())
 }
 
 /// The reply for a request that failed before reaching the plugin.
@@ -174,17 +238,25 @@ fn error_reply(req: &Request, mode: Mode, e: u32) -> Reply {
     let mut head = Vec::with_capacity(32);
     let chunked = matches!(req.cmd, cmd::READ | cmd::BLOCK_STATUS);
     reply::no_payload(&mut head, mode, e, req.cookie, req.offset, chunked);
-    Reply { head, data: Vec::new() }
+    Reply::head_only(head)
 }
 
 /// Runs one validated request on the handle and builds its reply.
-pub fn execute(h: &dyn Handle, req: &Request, payload: Vec<u8>, mode: Mode, export: &request::Export, serialize_all: bool) -> Reply {
+pub fn execute(
+    h: &dyn Handle,
+    req: &Request,
+    payload: Vec<u8>,
+    mode: Mode,
+    export: &request::Export,
+    serialize_all: bool,
+    pool: &Pool,
+) -> Reply {
     let _all = serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
     let fua = if req.flags & cmdflag::FUA != 0 { Flags::FUA } else { Flags::NONE };
     let result = match req.cmd {
-        cmd::READ => return read(h, req, mode),
+        cmd::READ => return read(h, req, mode, pool),
         cmd::BLOCK_STATUS => return block_status(h, req, mode, export.size),
-        cmd::WRITE => h.pwrite(&payload, req.offset, fua),
+        cmd::WRITE => h.pwrite(&payload[..req.count as usize], req.offset, fua),
         cmd::FLUSH => h.flush(Flags::NONE),
         cmd::TRIM => h.trim(req.count, req.offset, fua),
         cmd::CACHE => h.cache(req.count, req.offset, Flags::NONE),
@@ -200,10 +272,11 @@ pub fn execute(h: &dyn Handle, req: &Request, payload: Vec<u8>, mode: Mode, expo
         }
         _ => Err(Error::invalid("unknown command")),
     };
+    pool.put(payload);
     let e = result.map_or_else(|e| failed(req, &e), |()| 0);
     let mut head = Vec::with_capacity(32);
     reply::no_payload(&mut head, mode, e, req.cookie, req.offset, false);
-    Reply { head, data: Vec::new() }
+    Reply::head_only(head)
 }
 
 /// Logs a failed call and returns its NBD error number.
@@ -216,37 +289,41 @@ fn failed(req: &Request, e: &Error) -> u32 {
     n
 }
 
-fn read(h: &dyn Handle, req: &Request, mode: Mode) -> Reply {
+fn read(h: &dyn Handle, req: &Request, mode: Mode, pool: &Pool) -> Reply {
     let n = req.count as usize;
-    let mut buf = Vec::new();
-    let result = if buf.try_reserve_exact(n).is_err() {
-        Err(Error::new(ErrorKind::NoMem, "pread: cannot allocate the read buffer"))
-    } else {
-        buf.resize(n, 0);
-        h.pread(&mut buf, req.offset, Flags::NONE)
-    };
+    let result = pool.get(n).and_then(|mut buf| match h.pread(&mut buf[..n], req.offset, Flags::NONE) {
+        Ok(()) => Ok(buf),
+        Err(e) => {
+            pool.put(buf);
+            Err(e)
+        }
+    });
     let mut head = Vec::with_capacity(40);
-    if let Err(e) = result {
-        let code = failed(req, &e);
-        reply::no_payload(&mut head, mode, code, req.cookie, req.offset, true);
-        return Reply { head, data: Vec::new() };
-    }
+    let buf = match result {
+        Ok(buf) => buf,
+        Err(e) => {
+            let code = failed(req, &e);
+            reply::no_payload(&mut head, mode, code, req.cookie, req.offset, true);
+            return Reply::head_only(head);
+        }
+    };
     match mode {
         Mode::Simple => {
             reply::simple(&mut head, 0, req.cookie);
-            Reply { head, data: buf }
+            Reply { head, data: buf, data_len: n }
         }
-        _ if req.flags & cmdflag::DF == 0 && is_zero(&buf) => {
+        _ if req.flags & cmdflag::DF == 0 && is_zero(&buf[..n]) => {
             // A sparse read: one hole chunk instead of the zeroes.
             use crate::proto::codec::Put;
             reply::chunk_header(&mut head, mode, chunk::FLAG_DONE, chunk::OFFSET_HOLE, req.cookie, req.offset, 12);
             head.put_u64(req.offset);
             head.put_u32(n as u32);
-            Reply { head, data: Vec::new() }
+            pool.put(buf);
+            Reply::head_only(head)
         }
         _ => {
             reply::data_chunk_header(&mut head, mode, req.cookie, req.offset, n as u64);
-            Reply { head, data: buf }
+            Reply { head, data: buf, data_len: n }
         }
     }
 }
@@ -259,17 +336,17 @@ fn block_status(h: &dyn Handle, req: &Request, mode: Mode, size: u64) -> Reply {
     if let Err(e) = h.extents(req.count, req.offset, flags, &mut ext) {
         let code = failed(req, &e);
         reply::no_payload(&mut head, mode, code, req.cookie, req.offset, true);
-        return Reply { head, data: Vec::new() };
+        return Reply::head_only(head);
     }
     let list: Vec<(u64, u64, u32)> = ext.list().iter().map(|e| (e.offset, e.length, e.typ)).collect();
     let descs = reply::descriptors(&list, req.offset, req.count, req_one, mode == Mode::Extended);
     if descs.is_empty() {
         let code = failed(req, &Error::invalid("extents: no extent covers the request"));
         reply::no_payload(&mut head, mode, code, req.cookie, req.offset, true);
-        return Reply { head, data: Vec::new() };
+        return Reply::head_only(head);
     }
     reply::block_status(&mut head, mode, req.cookie, req.offset, BASE_ALLOCATION_ID, &descs);
-    Reply { head, data: Vec::new() }
+    Reply::head_only(head)
 }
 
 /// True if every byte is zero; stops at the first word that is not.
