@@ -53,7 +53,7 @@ pub enum TlsMode {
 }
 
 /// Everything needed to serve.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Plugin name.
     pub plugin: String,
@@ -89,7 +89,9 @@ pub struct Config {
     pub threads: u32,
     /// `-v`.
     pub verbose: bool,
-    /// `-D NAME.FLAG=N`, in order.
+    /// `-D NAME.FLAG=N` as (NAME, FLAG, N), in command-line order. FLAG is
+    /// as typed; nbdkit treats every `.` in it as `_` (`-D a.b.c=1` is
+    /// `-D a.b_c=1`), so compare with `flag.replace('.', "_")`.
     pub debug_flags: Vec<(String, String, i64)>,
     /// `--log`.
     pub log: LogDest,
@@ -113,4 +115,60 @@ pub struct Config {
     pub tls_psk: Option<PathBuf>,
     /// `--tls-verify-peer`.
     pub tls_verify_peer: bool,
+    /// True if `--tls` was given: a failure to load certificates is then
+    /// a warning (`on`) or an error (`require`) instead of silent.
+    pub tls_on_cli: bool,
+    /// `--vsock`.
+    pub vsock: bool,
+    /// `-u`.
+    pub user: Option<String>,
+    /// `-g`.
+    pub group: Option<String>,
+    /// `--swap`.
+    pub swap: bool,
+    /// `--selinux-label`.
+    pub selinux_label: Option<String>,
+}
+
+impl Default for Config {
+    /// What nbdkit does with no options (`--mask-handshake` has all bits).
+    fn default() -> Config {
+        Config {
+            plugin: String::new(),
+            filters: Vec::new(),
+            params: Vec::new(),
+            foreground: false,
+            pidfile: None,
+            unix: None,
+            port: None,
+            ipaddr: None,
+            family: Family::Any,
+            single: false,
+            run: None,
+            print_uri: false,
+            export_name: None,
+            exit_with_parent: false,
+            readonly: false,
+            threads: 0,
+            verbose: false,
+            debug_flags: Vec::new(),
+            log: LogDest::Default,
+            no_sr: false,
+            no_mc: false,
+            mask_handshake: u32::MAX,
+            oldstyle: false,
+            keepalive: false,
+            timeout: None,
+            tls: TlsMode::Off,
+            tls_certificates: None,
+            tls_psk: None,
+            tls_verify_peer: false,
+            tls_on_cli: false,
+            vsock: false,
+            user: None,
+            group: None,
+            swap: false,
+            selinux_label: None,
+        }
+    }
 }

@@ -99,6 +99,18 @@ fn start(cfg: Config) -> Result<i32, String> {
         }
     }
     crate::debug!("nbdkit {}", env!("CARGO_PKG_VERSION"));
+    let flag = |name: &str| {
+        cfg.debug_flags.iter().rev().find(|(n, f, _)| n == "nbdkit" && f.replace('.', "_") == name).map(|f| f.2 != 0)
+    };
+    log::set_backend_trace(
+        flag("backend_datapath").unwrap_or(true),
+        flag("backend_controlpath").unwrap_or(true),
+    );
+    if flag("environ") == Some(true) {
+        for (k, v) in std::env::vars_os() {
+            crate::debug!("{}={}", k.to_string_lossy(), v.to_string_lossy());
+        }
+    }
     if cfg.exit_with_parent {
         process::exit_with_parent().map_err(|e| format!("--exit-with-parent: {e}"))?;
     }
