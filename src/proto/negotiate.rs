@@ -438,7 +438,7 @@ mod tests {
             Ok(vec![Export::new(""), Export { name: "b".into(), description: Some("disk b".into()) }])
         }
         fn open(&mut self, name: &str) -> Result<ExportInfo, String> {
-            if name != "" && name != "b" {
+            if !name.is_empty() && name != "b" {
                 return Err(format!("no export {name}"));
             }
             self.opens += 1;

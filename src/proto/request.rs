@@ -104,11 +104,8 @@ pub fn validate(r: &Request, e: &Export) -> Result<(), u32> {
         return Err(errno::EPERM);
     }
     match r.cmd {
-        cmd::FLUSH | cmd::DISC => {
-            if r.offset != 0 || r.count != 0 {
-                return Err(errno::EINVAL);
-            }
-        }
+        cmd::FLUSH | cmd::DISC if r.offset != 0 || r.count != 0 => return Err(errno::EINVAL),
+        cmd::FLUSH | cmd::DISC => {}
         _ if !in_bounds(r.offset, r.count, e.size) => {
             let kind = if matches!(r.cmd, cmd::WRITE | cmd::WRITE_ZEROES) { errno::ENOSPC } else { errno::EINVAL };
             return Err(kind);
