@@ -36,8 +36,17 @@ const MANDIR: &str = "/usr/share/man";
 const SYSCONFDIR: &str = "/etc";
 
 /// `usage ()`: the synopsis, the description, the pointer to the manual.
+/// One binary has no plugin directory: usage also lists what is built in.
 pub(super) fn usage(out: &mut dyn Write) -> io::Result<()> {
-    write!(out, "{SYNOPSIS}\n{DESCRIPTION}\nPlease read the nbdkit(1) manual page for full usage.\n")
+    let plugins: Vec<&str> = crate::backend::registry::plugins().keys().copied().collect();
+    let filters: Vec<&str> = crate::backend::registry::filters().keys().copied().collect();
+    write!(
+        out,
+        "{SYNOPSIS}\n{DESCRIPTION}\nBuilt-in plugins: {}\nBuilt-in filters: {}\n\n\
+         Please read the nbdkit(1) manual page for full usage.\n",
+        plugins.join(" "),
+        filters.join(" ")
+    )
 }
 
 /// `--help` with a plugin: usage, then each backend from the outermost
@@ -245,7 +254,9 @@ mod tests {
         let t = text(usage);
         assert!(t.starts_with("nbdkit [-4|--ipv4-only] [-6|--ipv6-only]\n"));
         assert!(t.contains("nbdkit [-V|--version]\n\nNetwork Block Device (NBD)"));
-        assert!(t.contains("local files.\n\nPlease read the nbdkit(1) manual page for full usage.\n"));
+        assert!(t.contains("local files.\n\nBuilt-in plugins: "));
+        assert!(t.contains("memory") && t.contains("readonly"));
+        assert!(t.ends_with("\n\nPlease read the nbdkit(1) manual page for full usage.\n"));
         // test-synopsis.sh: every long option but the aliases is in the synopsis.
         let aliases = ["export", "export-name", "no-fork", "ip-addr", "keep-alive", "new-style", "old-style",
                        "pid-file", "print-url", "show-uri", "show-url", "read-only", "stdin", "time-out"];
