@@ -71,12 +71,52 @@ impl Pool {
 
     /// Gives a buffer back.
     fn put(&self, v: Vec<u8>) {
-        if v.capacity() == 0 {
+        // Big buffers are freed at once: idle connections keep little.
+        if v.capacity() == 0 || v.capacity() > 4 << 20 {
             return;
         }
         let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < 8 {
             free.push(v);
+        }
+    }
+}
+
+/// The server-wide budget on bytes held by requests in flight (write
+/// payloads and read buffers), in units of `BUDGET_UNIT`. When it runs
+/// out, connections stop reading requests: back-pressure, not growth.
+pub const BUDGET_BYTES: u64 = 1 << 30;
+const BUDGET_UNIT: u64 = 64 * 1024;
+static BUDGET: Semaphore = Semaphore::new((BUDGET_BYTES / BUDGET_UNIT) as usize);
+/// Only one request at a time takes more than one unit, so two big
+/// requests can never each hold half of what both need.
+static BUDGET_BIG: async_lock::Mutex<()> = async_lock::Mutex::new(());
+
+/// Units of the budget held by one request, given back on drop.
+pub struct Budget(usize);
+
+impl Budget {
+    /// Waits for the units `bytes` needs.
+    pub async fn take(bytes: u64) -> Budget {
+        let units = bytes.div_ceil(BUDGET_UNIT) as usize;
+        match units {
+            0 => {}
+            1 => BUDGET.acquire().await.forget(),
+            _ => {
+                let _one_at_a_time = BUDGET_BIG.lock().await;
+                for _ in 0..units {
+                    BUDGET.acquire().await.forget();
+                }
+            }
+        }
+        Budget(units)
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            BUDGET.add_permits(self.0);
         }
     }
 }
@@ -145,6 +185,11 @@ where
             }
             continue;
         }
+        let held = match req.cmd {
+            cmd::READ | cmd::WRITE => req.count,
+            _ => 0,
+        };
+        let budget = Budget::take(held).await;
         let mut payload = Vec::new();
         if plen > 0 {
             payload = match pool.get(plen as usize) {
@@ -171,7 +216,9 @@ where
         if inline && req.count <= INLINE_MAX {
             let r = execute(&*s.handle, &req, payload, s.mode, &s.export, serialize_all, &pool);
             drop(permit);
-            if send(&writer, r, &pool).await.is_err() {
+            let sent = send(&writer, r, &pool).await;
+            drop(budget);
+            if sent.is_err() {
                 break;
             }
             continue;
@@ -186,6 +233,7 @@ where
             })
             .await;
             let _ = send(&w, r, &p).await;
+            drop(budget);
             drop(permit);
         });
         if parallel {
