@@ -96,6 +96,18 @@ static BUDGET_BIG: async_lock::Mutex<()> = async_lock::Mutex::new(());
 pub struct Budget(usize);
 
 impl Budget {
+    /// The units `bytes` needs, if they can be had without waiting.
+    pub fn try_take(bytes: u64) -> Option<Budget> {
+        match bytes.div_ceil(BUDGET_UNIT) {
+            0 => Some(Budget(0)),
+            1 => BUDGET.try_acquire().map(|g| {
+                g.forget();
+                Budget(1)
+            }),
+            _ => None,
+        }
+    }
+
     /// Waits for the units `bytes` needs.
     pub async fn take(bytes: u64) -> Budget {
         let units = bytes.div_ceil(BUDGET_UNIT) as usize;
@@ -142,8 +154,14 @@ where
     let serialize_all = shared.model <= ThreadModel::SerializeAllRequests;
     let quit = shared.quit.clone();
     let pool = Arc::new(Pool::default());
+    // Replies of inline requests not written yet: while the next request
+    // is already buffered, its reply joins them and one write sends all.
+    let mut pending: Vec<u8> = Vec::new();
 
     loop {
+        if !pending.is_empty() && reader.buffer().len() < hlen && flush(&writer, &mut pending).await.is_err() {
+            break;
+        }
         let mut hdr = [0u8; EXT_REQUEST_LEN];
         let read = async { reader.read_exact(&mut hdr[..hlen]).await.map(|()| true) };
         let stop = async {
@@ -189,9 +207,20 @@ where
             cmd::READ | cmd::WRITE => req.count,
             _ => 0,
         };
-        let budget = Budget::take(held).await;
+        let budget = match Budget::try_take(held) {
+            Some(b) => b,
+            None => {
+                if flush(&writer, &mut pending).await.is_err() {
+                    break;
+                }
+                Budget::take(held).await
+            }
+        };
         let mut payload = Vec::new();
         if plen > 0 {
+            if reader.buffer().len() < plen as usize && flush(&writer, &mut pending).await.is_err() {
+                break;
+            }
             payload = match pool.get(plen as usize) {
                 Ok(p) => p,
                 Err(_) => {
@@ -212,16 +241,29 @@ where
             let _ = send(&writer, error_reply(&req, s.mode, errno::ESHUTDOWN), &pool).await;
             continue;
         }
-        let permit = sem.acquire_arc().await;
+        let permit = match sem.try_acquire_arc() {
+            Some(p) => p,
+            None => {
+                if flush(&writer, &mut pending).await.is_err() {
+                    break;
+                }
+                sem.acquire_arc().await
+            }
+        };
         if inline && req.count <= INLINE_MAX {
             let r = execute(&*s.handle, &req, payload, s.mode, &s.export, serialize_all, &pool);
             drop(permit);
-            let sent = send(&writer, r, &pool).await;
+            pending.extend_from_slice(&r.head);
+            pending.extend_from_slice(&r.data[..r.data_len]);
+            pool.put(r.data);
             drop(budget);
-            if sent.is_err() {
+            if pending.len() >= 256 * 1024 && flush(&writer, &mut pending).await.is_err() {
                 break;
             }
             continue;
+        }
+        if flush(&writer, &mut pending).await.is_err() {
+            break;
         }
         let (h, w, g, export, mode, ctx, p) =
             (s.handle.clone(), writer.clone(), gone.clone(), s.export, s.mode, ctx.clone(), pool.clone());
@@ -242,6 +284,7 @@ where
             task.await;
         }
     }
+    let _ = flush(&writer, &mut pending).await;
     // Wait for every request in flight (each holds a permit).
     gone.store(true, Ordering::Release);
     shutdown::wake_sleepers();
@@ -261,6 +304,16 @@ async fn send<W: AsyncWrite + Unpin>(w: &async_lock::Mutex<W>, r: Reply, pool: &
     };
     pool.put(r.data);
     result
+}
+
+/// Writes the pending inline replies, if any.
+async fn flush<W: AsyncWrite + Unpin>(w: &async_lock::Mutex<W>, pending: &mut Vec<u8>) -> std::io::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let r = w.lock().await.write_all(pending).await;
+    pending.clear();
+    r
 }
 
 /// `write_all` of two buffers with vectored writes.
