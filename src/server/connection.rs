@@ -78,6 +78,14 @@ where
     }
     let timeout = shared.timeout;
     let handshake = handshake(&shared, &mut s.reader, &mut s.writer);
+    let quit = shared.quit.clone();
+    // A client still negotiating when the server stops is dropped; one
+    // that sends an option first gets ERR_SHUTDOWN (see `handshake`).
+    let handshake = futures_lite::future::or(handshake, async {
+        let _ = quit.recv().await;
+        async_io::Timer::after(Duration::from_millis(100)).await;
+        Err(End::Closed)
+    });
     let result = if timeout.is_zero() {
         handshake.await
     } else {
