@@ -2,14 +2,14 @@
 //! newstyle option loop driven by [`crate::proto::negotiate`]) under the
 //! handshake timeout, then the transmission phase.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::transmission::{self, Session};
-use super::Shared;
+use super::{process, Shared};
 use crate::backend::{Handle, Next};
 use crate::proto::codec::DecodeError;
 use crate::proto::handshake::{self, OptionHeader, OPTION_HEADER_LEN};
@@ -52,6 +52,9 @@ pub struct Streams<R, W> {
     pub writer: W,
     /// Shuts the socket down (both directions) to unblock pending I/O.
     pub shutdown: Arc<dyn Fn() + Send + Sync>,
+    /// The descriptors under `reader` and `writer` (the same for a socket),
+    /// duplicated into blocking files for the transmission phase.
+    pub fds: (RawFd, RawFd),
 }
 
 /// Serves one client to the end.
@@ -108,11 +111,21 @@ where
         }
         Err(_) => return,
     };
-    let gone = Arc::new(AtomicBool::new(false));
-    transmission::run(&shared, session, s.reader, s.writer, &gone, ctx).await;
-    gone.store(true, Ordering::Release);
-    shutdown::wake_sleepers();
-    (s.shutdown)();
+    let files = blocking_files(s.fds);
+    drop(s); // the async sources go; the duplicated descriptors stay
+    match files {
+        Ok((r, w)) => transmission::run(&shared, session, r, w, ctx).await,
+        Err(e) => log::error(&format!("transmission: {e}")),
+    }
+}
+
+/// Duplicates the connection's descriptors as blocking files.
+fn blocking_files(fds: (RawFd, RawFd)) -> std::io::Result<(std::fs::File, std::fs::File)> {
+    let r = process::dup_fd(fds.0)?;
+    let w = process::dup_fd(fds.1)?;
+    process::set_blocking(r.as_raw_fd())?;
+    process::set_blocking(w.as_raw_fd())?;
+    Ok((r.into(), w.into()))
 }
 
 async fn handshake<R, W>(shared: &Arc<Shared>, r: &mut R, w: &mut W) -> Result<Session, End>

@@ -57,6 +57,7 @@ pub fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) {
 /// Begins a clean shutdown: stop accepting, end idle connections.
 pub fn quit() {
     shutdown::request();
+    transmission::stop_all();
     if let Some(tx) = QUIT.get() {
         tx.close();
     }
@@ -345,7 +346,9 @@ type Reader = Arc<Async<UnixStream>>;
 fn streams_unix(s: Async<UnixStream>) -> Streams<impl futures_lite::AsyncRead, impl futures_lite::AsyncWrite> {
     let s: Reader = Arc::new(s);
     let raw = s.clone();
+    let fd = s.as_raw_fd();
     Streams {
+        fds: (fd, fd),
         reader: ArcIo(s.clone()),
         writer: ArcIo(s),
         shutdown: Arc::new(move || {
@@ -357,7 +360,9 @@ fn streams_unix(s: Async<UnixStream>) -> Streams<impl futures_lite::AsyncRead, i
 fn streams_tcp(s: Async<std::net::TcpStream>) -> Streams<impl futures_lite::AsyncRead, impl futures_lite::AsyncWrite> {
     let s = Arc::new(s);
     let raw = s.clone();
+    let fd = s.as_raw_fd();
     Streams {
+        fds: (fd, fd),
         reader: ArcIo(s.clone()),
         writer: ArcIo(s),
         shutdown: Arc::new(move || {
@@ -419,6 +424,7 @@ async fn serve_single(shared: Arc<Shared>, r: OwnedFd, w: OwnedFd) {
     let (ra, wa) = (Arc::new(ra), Arc::new(wa));
     let (rfd, wfd) = (ra.as_raw_fd(), wa.as_raw_fd());
     let s = Streams {
+        fds: (rfd, wfd),
         reader: ArcIo(ra),
         writer: ArcIo(wa),
         shutdown: Arc::new(move || {

@@ -1,17 +1,18 @@
-//! The transmission phase: read a request, validate it, run it on the
-//! export's handle, reply. Requests run concurrently (up to `-t`) when the
-//! thread model allows and the handle may block; a handle that never
-//! blocks runs inline on the connection's task, with no thread hand-off.
-//! Replies are written whole, under one lock, in completion order.
+//! The transmission phase, on worker threads as in nbdkit: each worker
+//! takes the connection's read lock, reads one request (header and
+//! payload), lets go, runs it on the export's handle and writes the whole
+//! reply under the write lock. Workers are started lazily, up to `-t`
+//! (one under the serialize models), when a request arrives and no other
+//! worker is waiting to read: a client with one request in flight costs
+//! one thread and no hand-off, a client with 32 gets up to 16 in parallel,
+//! and replies go out in completion order.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::fs::File;
+use std::io::{BufReader, IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
-use async_lock::Semaphore;
-use futures_lite::io::BufReader;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-use super::connection::discard;
 use super::Shared;
 use crate::backend::{Extents, Flags, Handle, ThreadModel};
 use crate::error::{Error, ErrorKind};
@@ -42,10 +43,6 @@ impl Reply {
         Reply { head, data: Vec::new(), data_len: 0 }
     }
 }
-
-/// Requests up to this size on a handle that never blocks run inline;
-/// bigger ones go to the thread pool so both cores copy bytes.
-const INLINE_MAX: u64 = 128 * 1024;
 
 /// Data buffers a connection reuses, so a request costs no allocation
 /// and no clearing of memory that the plugin overwrites anyway.
@@ -83,52 +80,36 @@ impl Pool {
 }
 
 /// The server-wide budget on bytes held by requests in flight (write
-/// payloads and read buffers), in units of `BUDGET_UNIT`. When it runs
-/// out, connections stop reading requests: back-pressure, not growth.
+/// payloads and read buffers). When it runs out, workers stop reading
+/// requests: back-pressure, not growth.
 pub const BUDGET_BYTES: u64 = 1 << 30;
-const BUDGET_UNIT: u64 = 64 * 1024;
-static BUDGET: Semaphore = Semaphore::new((BUDGET_BYTES / BUDGET_UNIT) as usize);
-/// Only one request at a time takes more than one unit, so two big
-/// requests can never each hold half of what both need.
-static BUDGET_BIG: async_lock::Mutex<()> = async_lock::Mutex::new(());
+static BUDGET: Mutex<u64> = Mutex::new(BUDGET_BYTES);
+static BUDGET_FREED: Condvar = Condvar::new();
 
-/// Units of the budget held by one request, given back on drop.
-pub struct Budget(usize);
+/// Bytes of the budget held by one request, given back on drop.
+pub struct Budget(u64);
 
 impl Budget {
-    /// The units `bytes` needs, if they can be had without waiting.
-    pub fn try_take(bytes: u64) -> Option<Budget> {
-        match bytes.div_ceil(BUDGET_UNIT) {
-            0 => Some(Budget(0)),
-            1 => BUDGET.try_acquire().map(|g| {
-                g.forget();
-                Budget(1)
-            }),
-            _ => None,
+    /// Waits until `bytes` (at most 64 MiB, far below the budget) are free.
+    /// A request takes all it needs at once, so no two can deadlock.
+    pub fn take(bytes: u64) -> Budget {
+        if bytes == 0 {
+            return Budget(0);
         }
-    }
-
-    /// Waits for the units `bytes` needs.
-    pub async fn take(bytes: u64) -> Budget {
-        let units = bytes.div_ceil(BUDGET_UNIT) as usize;
-        match units {
-            0 => {}
-            1 => BUDGET.acquire().await.forget(),
-            _ => {
-                let _one_at_a_time = BUDGET_BIG.lock().await;
-                for _ in 0..units {
-                    BUDGET.acquire().await.forget();
-                }
-            }
+        let mut free = BUDGET.lock().unwrap_or_else(|e| e.into_inner());
+        while *free < bytes {
+            free = BUDGET_FREED.wait(free).unwrap_or_else(|e| e.into_inner());
         }
-        Budget(units)
+        *free -= bytes;
+        Budget(bytes)
     }
 }
 
 impl Drop for Budget {
     fn drop(&mut self) {
         if self.0 > 0 {
-            BUDGET.add_permits(self.0);
+            *BUDGET.lock().unwrap_or_else(|e| e.into_inner()) += self.0;
+            BUDGET_FREED.notify_all();
         }
     }
 }
@@ -136,197 +117,256 @@ impl Drop for Budget {
 /// Held around every callback under the serialize_all_requests model.
 static ALL_REQUESTS: Mutex<()> = Mutex::new(());
 
-/// Runs the transmission phase until the client disconnects, breaks the
-/// protocol, or the server shuts down; waits for requests in flight.
-pub async fn run<R, W>(shared: &Arc<Shared>, s: Session, reader: R, writer: W, gone: &Arc<AtomicBool>, ctx: Arc<str>)
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    let writer = Arc::new(async_lock::Mutex::new(writer));
-    let ext = s.export.extended;
-    let hlen = if ext { EXT_REQUEST_LEN } else { REQUEST_LEN };
-    let parallel = shared.model == ThreadModel::Parallel;
-    let permits = if parallel { shared.threads.max(1) } else { 1 } as usize;
-    let sem = Arc::new(Semaphore::new(permits));
-    let inline = !s.handle.blocks();
-    let serialize_all = shared.model <= ThreadModel::SerializeAllRequests;
-    let quit = shared.quit.clone();
-    let pool = Arc::new(Pool::default());
-    // Replies of inline requests not written yet: while the next request
-    // is already buffered, its reply joins them and one write sends all.
-    let mut pending: Vec<u8> = Vec::new();
+/// Read sides of live connections, shut down when the server stops so
+/// that workers blocked in read() wake up.
+static LIVE: Mutex<Vec<(u64, RawFd)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Stops every connection from reading further requests (server shutdown);
+/// requests in flight finish and get their replies.
+pub fn stop_all() {
+    for &(_, fd) in LIVE.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        shutdown_fd(fd, libc::SHUT_RD);
+    }
+}
+
+#[allow(unsafe_code)]
+fn shutdown_fd(fd: RawFd, how: libc::c_int) {
+    // SAFETY: shutdown(2) on a descriptor that stays open while it is
+    // registered (Conn::drop unregisters before the files close); ENOTSOCK
+    // on pipes (-s) is harmless.
+    unsafe { libc::shutdown(fd, how) };
+}
+
+/// One connection in the transmission phase.
+struct Conn {
+    id: u64,
+    handle: Arc<dyn Handle>,
+    mode: Mode,
+    export: request::Export,
+    hlen: usize,
+    reader: Mutex<BufReader<File>>,
+    read_fd: RawFd,
+    writer: Mutex<File>,
+    pool: Pool,
+    /// The client hung up: sleeping requests give up.
+    gone: Arc<AtomicBool>,
+    /// No more requests are read.
+    stop: AtomicBool,
+    /// Workers waiting for the read lock, and workers alive.
+    waiting: AtomicUsize,
+    workers: AtomicUsize,
+    max_workers: usize,
+    serialize_all: bool,
+    ctx: Arc<str>,
+    name: String,
+    /// Dropped with the last worker: wakes the connection's task.
+    _done: async_channel::Sender<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        LIVE.lock().unwrap_or_else(|e| e.into_inner()).retain(|&(id, _)| id != self.id);
+        self.gone.store(true, Ordering::Release);
+        shutdown::wake_sleepers();
+    }
+}
+
+/// Serves requests on blocking `reader`/`writer` until the client
+/// disconnects, breaks the protocol or the server stops; returns when the
+/// last request in flight has been answered.
+pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, ctx: Arc<str>) {
+    let (done_tx, done_rx) = async_channel::bounded::<()>(1);
+    let parallel = shared.model == ThreadModel::Parallel;
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let read_fd = reader.as_raw_fd();
+    let conn = Arc::new(Conn {
+        id,
+        hlen: if s.export.extended { EXT_REQUEST_LEN } else { REQUEST_LEN },
+        handle: s.handle,
+        mode: s.mode,
+        export: s.export,
+        reader: Mutex::new(BufReader::with_capacity(128 * 1024, reader)),
+        read_fd,
+        writer: Mutex::new(writer),
+        pool: Pool::default(),
+        gone: Arc::new(AtomicBool::new(false)),
+        stop: AtomicBool::new(false),
+        waiting: AtomicUsize::new(0),
+        workers: AtomicUsize::new(0),
+        max_workers: if parallel { shared.threads.max(1) as usize } else { 1 },
+        serialize_all: shared.model <= ThreadModel::SerializeAllRequests,
+        name: ctx.to_string(),
+        ctx,
+        _done: done_tx,
+    });
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).push((id, read_fd));
+    if shutdown::requested() {
+        shutdown_fd(read_fd, libc::SHUT_RD);
+    }
+    spawn_worker(&conn);
+    drop(conn);
+    let _ = done_rx.recv().await; // Err once every worker has dropped its Arc
+}
+
+fn spawn_worker(conn: &Arc<Conn>) {
+    let n = conn.workers.fetch_add(1, Ordering::AcqRel);
+    let c = conn.clone();
+    let spawned = std::thread::Builder::new().name(format!("{}.{n}", c.name)).spawn(move || worker(c));
+    if spawned.is_err() {
+        conn.workers.fetch_sub(1, Ordering::AcqRel);
+        log::error("cannot start a worker thread");
+    }
+}
+
+/// What reading one request gave.
+enum Next {
+    /// A valid request to run, its payload and the budget it holds.
+    Run(Request, Vec<u8>, Budget),
+    /// Handled already (an error reply was sent).
+    Again,
+    /// Stop reading: EOF, DISC, a protocol error or a broken socket.
+    Stop { hung_up: bool },
+}
+
+fn worker(conn: Arc<Conn>) {
+    log::set_context(Some(conn.ctx.clone()));
     loop {
-        if !pending.is_empty() && reader.buffer().len() < hlen && flush(&writer, &mut pending).await.is_err() {
+        conn.waiting.fetch_add(1, Ordering::AcqRel);
+        let mut r = conn.reader.lock().unwrap_or_else(|e| e.into_inner());
+        conn.waiting.fetch_sub(1, Ordering::AcqRel);
+        if conn.stop.load(Ordering::Acquire) {
             break;
         }
-        let mut hdr = [0u8; EXT_REQUEST_LEN];
-        let read = async { reader.read_exact(&mut hdr[..hlen]).await.map(|()| true) };
-        let stop = async {
-            let _ = quit.recv().await;
-            Ok(false)
-        };
-        match futures_lite::future::or(read, stop).await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => break, // shutdown, EOF or a broken socket
-        }
-        let req = match Request::decode(&hdr[..hlen], ext) {
-            Ok(r) => r,
-            Err(e) => {
-                crate::debug!("transmission: {e}: closing connection");
+        match read_one(&conn, &mut r) {
+            Next::Again => {}
+            Next::Stop { hung_up } => {
+                conn.stop.store(true, Ordering::Release);
+                if hung_up {
+                    conn.gone.store(true, Ordering::Release);
+                    shutdown::wake_sleepers();
+                }
                 break;
             }
-        };
-        if req.cmd == cmd::DISC {
-            crate::debug!("client sent NBD_CMD_DISC, closing connection");
-            break;
-        }
-        let plen = req.payload_len(ext);
-        let check = if plen > u64::from(MAX_REQUEST_SIZE) {
-            if plen > 2 * u64::from(MAX_REQUEST_SIZE) {
-                crate::debug!("client payload of {plen} bytes is too large: closing connection");
-                break;
-            }
-            Err(errno::EINVAL)
-        } else {
-            request::validate(&req, &s.export)
-        };
-        if let Err(e) = check {
-            if discard(&mut reader, plen).await.is_err() {
-                break;
-            }
-            crate::debug!("invalid request {}: sending error reply: {e}", cmd::name(req.cmd));
-            if send(&writer, error_reply(&req, s.mode, e), &pool).await.is_err() {
-                break;
-            }
-            continue;
-        }
-        let held = match req.cmd {
-            cmd::READ | cmd::WRITE => req.count,
-            _ => 0,
-        };
-        let budget = match Budget::try_take(held) {
-            Some(b) => b,
-            None => {
-                if flush(&writer, &mut pending).await.is_err() {
+            Next::Run(req, payload, budget) => {
+                // Someone must read the next request while this one runs.
+                if conn.waiting.load(Ordering::Acquire) == 0
+                    && conn.workers.load(Ordering::Acquire) < conn.max_workers
+                {
+                    spawn_worker(&conn);
+                }
+                drop(r);
+                let reply = shutdown::with_connection(&conn.gone, || {
+                    execute(&*conn.handle, &req, payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
+                });
+                let sent = send(&conn, reply);
+                drop(budget);
+                if sent.is_err() {
+                    conn.stop.store(true, Ordering::Release);
+                    conn.gone.store(true, Ordering::Release);
+                    shutdown_fd(conn.read_fd, libc::SHUT_RDWR);
                     break;
                 }
-                Budget::take(held).await
             }
-        };
-        let mut payload = Vec::new();
-        if plen > 0 {
-            if reader.buffer().len() < plen as usize && flush(&writer, &mut pending).await.is_err() {
-                break;
-            }
-            payload = match pool.get(plen as usize) {
-                Ok(p) => p,
-                Err(_) => {
-                    if discard(&mut reader, plen).await.is_err() {
-                        break;
-                    }
-                    if send(&writer, error_reply(&req, s.mode, errno::ENOMEM), &pool).await.is_err() {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            if reader.read_exact(&mut payload[..plen as usize]).await.is_err() {
-                break; // a half-sent write is never passed to the plugin
-            }
-        }
-        if shutdown::requested() {
-            let _ = send(&writer, error_reply(&req, s.mode, errno::ESHUTDOWN), &pool).await;
-            continue;
-        }
-        let permit = match sem.try_acquire_arc() {
-            Some(p) => p,
-            None => {
-                if flush(&writer, &mut pending).await.is_err() {
-                    break;
-                }
-                sem.acquire_arc().await
-            }
-        };
-        if inline && req.count <= INLINE_MAX {
-            let r = execute(&*s.handle, &req, payload, s.mode, &s.export, serialize_all, &pool);
-            drop(permit);
-            pending.extend_from_slice(&r.head);
-            pending.extend_from_slice(&r.data[..r.data_len]);
-            pool.put(r.data);
-            drop(budget);
-            if pending.len() >= 256 * 1024 && flush(&writer, &mut pending).await.is_err() {
-                break;
-            }
-            continue;
-        }
-        if flush(&writer, &mut pending).await.is_err() {
-            break;
-        }
-        let (h, w, g, export, mode, ctx, p) =
-            (s.handle.clone(), writer.clone(), gone.clone(), s.export, s.mode, ctx.clone(), pool.clone());
-        let task = log::WithContext::new(ctx.clone(), async move {
-            let p2 = p.clone();
-            let r = blocking::unblock(move || {
-                log::set_context(Some(ctx));
-                shutdown::with_connection(&g, || execute(&*h, &req, payload, mode, &export, serialize_all, &p2))
-            })
-            .await;
-            let _ = send(&w, r, &p).await;
-            drop(budget);
-            drop(permit);
-        });
-        if parallel {
-            super::spawn(task);
-        } else {
-            task.await;
         }
     }
-    let _ = flush(&writer, &mut pending).await;
-    // Wait for every request in flight (each holds a permit).
-    gone.store(true, Ordering::Release);
-    shutdown::wake_sleepers();
-    for _ in 0..permits {
-        std::mem::forget(sem.acquire().await);
+    conn.workers.fetch_sub(1, Ordering::AcqRel);
+}
+
+fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
+    let ext = conn.export.extended;
+    let mut hdr = [0u8; EXT_REQUEST_LEN];
+    if r.read_exact(&mut hdr[..conn.hlen]).is_err() {
+        return Next::Stop { hung_up: true };
     }
-    let mut w = writer.lock().await;
-    let _ = w.flush().await;
+    let req = match Request::decode(&hdr[..conn.hlen], ext) {
+        Ok(req) => req,
+        Err(e) => {
+            crate::debug!("transmission: {e}: closing connection");
+            return Next::Stop { hung_up: true };
+        }
+    };
+    if req.cmd == cmd::DISC {
+        crate::debug!("client sent NBD_CMD_DISC, closing connection");
+        return Next::Stop { hung_up: false };
+    }
+    let plen = req.payload_len(ext);
+    let check = if plen > u64::from(MAX_REQUEST_SIZE) {
+        if plen > 2 * u64::from(MAX_REQUEST_SIZE) {
+            crate::debug!("client payload of {plen} bytes is too large: closing connection");
+            return Next::Stop { hung_up: true };
+        }
+        Err(errno::EINVAL)
+    } else {
+        request::validate(&req, &conn.export)
+    };
+    let refuse = |r: &mut BufReader<File>, e: u32| {
+        if discard(r, plen).is_err() {
+            return Next::Stop { hung_up: true };
+        }
+        crate::debug!("{}: sending error reply: {e}", cmd::name(req.cmd));
+        match send(conn, error_reply(&req, conn.mode, e)) {
+            Ok(()) => Next::Again,
+            Err(_) => Next::Stop { hung_up: true },
+        }
+    };
+    if let Err(e) = check {
+        return refuse(r, e);
+    }
+    let held = match req.cmd {
+        cmd::READ | cmd::WRITE => req.count,
+        _ => 0,
+    };
+    let budget = Budget::take(held);
+    let mut payload = Vec::new();
+    if plen > 0 {
+        payload = match conn.pool.get(plen as usize) {
+            Ok(p) => p,
+            Err(_) => return refuse(r, errno::ENOMEM),
+        };
+        if r.read_exact(&mut payload[..plen as usize]).is_err() {
+            return Next::Stop { hung_up: true }; // a half-sent write never reaches the plugin
+        }
+    }
+    if shutdown::requested() {
+        conn.pool.put(payload);
+        return match send(conn, error_reply(&req, conn.mode, errno::ESHUTDOWN)) {
+            Ok(()) => Next::Again,
+            Err(_) => Next::Stop { hung_up: true },
+        };
+    }
+    Next::Run(req, payload, budget)
+}
+
+/// Reads and drops `n` bytes.
+fn discard(r: &mut impl Read, n: u64) -> std::io::Result<()> {
+    let copied = std::io::copy(&mut r.take(n), &mut std::io::sink())?;
+    if copied < n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 /// Writes a whole reply (one vectored write in the common case) and
 /// gives its data buffer back to the pool.
-async fn send<W: AsyncWrite + Unpin>(w: &async_lock::Mutex<W>, r: Reply, pool: &Pool) -> std::io::Result<()> {
+fn send(conn: &Conn, r: Reply) -> std::io::Result<()> {
     let result = {
-        let mut w = w.lock().await;
-        write_all2(&mut *w, &r.head, &r.data[..r.data_len]).await
+        let mut w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
+        write_all2(&mut *w, &r.head, &r.data[..r.data_len])
     };
-    pool.put(r.data);
+    conn.pool.put(r.data);
     result
 }
 
-/// Writes the pending inline replies, if any.
-async fn flush<W: AsyncWrite + Unpin>(w: &async_lock::Mutex<W>, pending: &mut Vec<u8>) -> std::io::Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let r = w.lock().await.write_all(pending).await;
-    pending.clear();
-    r
-}
-
 /// `write_all` of two buffers with vectored writes.
-async fn write_all2<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
-    use std::io::IoSlice;
+fn write_all2(w: &mut impl Write, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
     while !a.is_empty() || !b.is_empty() {
-        let n = futures_lite::future::poll_fn(|cx| {
-            std::pin::Pin::new(&mut *w).poll_write_vectored(cx, &[IoSlice::new(a), IoSlice::new(b)])
-        })
-        .await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
+        let n = match w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         let from_a = n.min(a.len());
         a = &a[from_a..];
         b = &b[n - from_a..];
