@@ -176,7 +176,6 @@ fn run_command_reads_nbdkits_stdin_and_ends_the_server_with_a_client_connected()
 }
 
 #[test]
-#[ignore = "server bug: SIGTERM to the server during --run returns 0 at once, orphaning the command and losing its exit status"]
 fn run_server_killed_first_still_waits_for_the_command_and_returns_its_status() {
     // A.5/A.10: the server (the pidfile's PID) dies first; nbdkit still
     // waits for the command, whose status (3) wins as it is not 0.
@@ -350,7 +349,6 @@ fn recorded_session() -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "server bug: -s with stdin/stdout on regular files (or /dev/null) logs 'cannot be used for non-blocking I/O', serves nothing, exits 0"]
 fn single_replays_a_session_from_a_file() {
     // nbdkit's fuzzing idiom: `nbdkit -s memory 1M < testcase > out`.
     let dir = TempDir::new("single");

@@ -82,11 +82,12 @@ where
     let timeout = shared.timeout;
     let handshake = handshake(&shared, &mut s.reader, &mut s.writer);
     let quit = shared.quit.clone();
-    // A client still negotiating when the server stops is dropped; one
-    // that sends an option first gets ERR_SHUTDOWN (see `handshake`).
+    // A client still negotiating when the server stops has a second to
+    // send an option (answered with ERR_SHUTDOWN, see `handshake`), then
+    // is dropped so that the server can exit.
     let handshake = futures_lite::future::or(handshake, async {
         let _ = quit.recv().await;
-        async_io::Timer::after(Duration::from_millis(100)).await;
+        async_io::Timer::after(Duration::from_secs(1)).await;
         Err(End::Closed)
     });
     let result = if timeout.is_zero() {

@@ -210,12 +210,17 @@ fn start(cfg: Config) -> Result<i32, String> {
             None
         };
         match captive {
-            Some(mut child) => {
-                let wait = async {
-                    let status = blocking::unblock(move || child.wait()).await;
-                    Some(status)
-                };
-                futures_lite::future::or(wait, serving).await
+            Some(child) => {
+                let child = Arc::new(std::sync::Mutex::new(child));
+                let c2 = child.clone();
+                let wait = async move { Some(blocking::unblock(move || c2.lock().map_or_else(|_| Err(std::io::ErrorKind::Other.into()), |mut c| c.wait())).await) };
+                let served = futures_lite::future::or(wait, serving).await;
+                match served {
+                    Some(st) => Some(st),
+                    // The server stopped first (a signal): nbdkit waits for
+                    // the command and exits with its status.
+                    None => Some(blocking::unblock(move || child.lock().map_or_else(|_| Err(std::io::ErrorKind::Other.into()), |mut c| c.wait())).await),
+                }
             }
             None => serving.await,
         }
@@ -413,29 +418,65 @@ where
     }
 }
 
-/// `-s`: one connection on the saved stdin/stdout.
+/// `-s`: one connection on the saved stdin/stdout. They may be a socket,
+/// a pipe or a regular file (a recorded session being replayed), so the
+/// handshake does plain blocking I/O: this is the only connection, and
+/// reading exactly what is asked leaves the requests for the workers.
 async fn serve_single(shared: Arc<Shared>, r: OwnedFd, w: OwnedFd) {
-    let rf = std::fs::File::from(r);
-    let wf = std::fs::File::from(w);
-    let (Ok(ra), Ok(wa)) = (Async::new(rf), Async::new(wf)) else {
-        log::error("-s: stdin/stdout cannot be used for non-blocking I/O");
-        return;
-    };
-    let (ra, wa) = (Arc::new(ra), Arc::new(wa));
-    let (rfd, wfd) = (ra.as_raw_fd(), wa.as_raw_fd());
-    let s = Streams {
-        fds: (rfd, wfd),
-        reader: ArcIo(ra),
-        writer: ArcIo(wa),
-        shutdown: Arc::new(move || {
-            #[allow(unsafe_code)]
-            // SAFETY: shutdown(2) on descriptors owned by the Arcs above
-            // (ENOTSOCK on pipes is ignored).
-            unsafe {
-                libc::shutdown(rfd, libc::SHUT_RDWR);
-                libc::shutdown(wfd, libc::SHUT_RDWR);
-            }
-        }),
-    };
+    let (rfd, wfd) = (r.as_raw_fd(), w.as_raw_fd());
+    let shutdown: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        #[allow(unsafe_code)]
+        // SAFETY: shutdown(2) on descriptors owned by the Streams below
+        // (ENOTSOCK on pipes and files is ignored).
+        unsafe {
+            libc::shutdown(rfd, libc::SHUT_RDWR);
+            libc::shutdown(wfd, libc::SHUT_RDWR);
+        }
+    });
+    let (rf, wf) = (std::fs::File::from(r), std::fs::File::from(w));
+    // Sockets and pipes can be polled (so --timeout works); regular files
+    // cannot, and are read with plain blocking I/O.
+    let pollable = |f: &std::fs::File| f.metadata().is_ok_and(|m| !m.is_file());
+    if pollable(&rf) && pollable(&wf) {
+        if let (Ok(ra), Ok(wa)) = (Async::new(rf.try_clone().expect("dup")), Async::new(wf.try_clone().expect("dup"))) {
+            let s = Streams { fds: (rfd, wfd), reader: ArcIo(Arc::new(ra)), writer: ArcIo(Arc::new(wa)), shutdown };
+            serve_counted(shared, s).await;
+            drop((rf, wf));
+            return;
+        }
+    }
+    let s = Streams { fds: (rfd, wfd), reader: BlockingIo(rf), writer: BlockingIo(wf), shutdown };
     serve_counted(shared, s).await;
+}
+
+/// Blocking I/O behind the async traits (only for `-s`).
+struct BlockingIo(std::fs::File);
+
+impl futures_lite::AsyncRead for BlockingIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Read;
+        std::task::Poll::Ready(self.0.read(buf))
+    }
+}
+
+impl futures_lite::AsyncWrite for BlockingIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Write;
+        std::task::Poll::Ready(self.0.write(buf))
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        use std::io::Write;
+        std::task::Poll::Ready(self.0.flush())
+    }
+    fn poll_close(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
