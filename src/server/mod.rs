@@ -8,7 +8,6 @@ pub mod transmission;
 pub mod uri;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -296,7 +295,7 @@ async fn accept_loop(shared: Arc<Shared>, l: Listeners, keepalive: bool) {
                 loop {
                     match listener.accept().await {
                         Ok((stream, _)) => {
-                            let s = streams_unix(stream);
+                            let s = streams(stream);
                             spawn(serve_counted(shared.clone(), s));
                         }
                         Err(e) => backoff(e).await,
@@ -327,7 +326,7 @@ async fn accept_loop(shared: Arc<Shared>, l: Listeners, keepalive: bool) {
                     if keepalive {
                         let _ = socket2::SockRef::from(stream.get_ref()).set_keepalive(true);
                     }
-                    let s = streams_tcp(stream);
+                    let s = streams(stream);
                     spawn(serve_counted(shared.clone(), s));
                 }
             }
@@ -346,32 +345,20 @@ async fn backoff(e: std::io::Error) {
     async_io::Timer::after(Duration::from_millis(50)).await;
 }
 
-type Reader = Arc<Async<UnixStream>>;
-
-fn streams_unix(s: Async<UnixStream>) -> Streams<impl futures_lite::AsyncRead, impl futures_lite::AsyncWrite> {
-    let s: Reader = Arc::new(s);
-    let raw = s.clone();
-    let fd = s.as_raw_fd();
-    Streams {
-        fds: (fd, fd),
-        reader: ArcIo(s.clone()),
-        writer: ArcIo(s),
-        shutdown: Arc::new(move || {
-            let _ = raw.get_ref().shutdown(std::net::Shutdown::Both);
-        }),
-    }
-}
-
-fn streams_tcp(s: Async<std::net::TcpStream>) -> Streams<impl futures_lite::AsyncRead, impl futures_lite::AsyncWrite> {
+/// The streams of an accepted socket (Unix or TCP).
+fn streams<T>(s: Async<T>) -> Streams<ArcIo<T>, ArcIo<T>>
+where
+    T: AsRawFd + std::os::fd::AsFd + Send + Sync + 'static,
+{
     let s = Arc::new(s);
-    let raw = s.clone();
     let fd = s.as_raw_fd();
+    let raw = s.clone();
     Streams {
         fds: (fd, fd),
         reader: ArcIo(s.clone()),
         writer: ArcIo(s),
         shutdown: Arc::new(move || {
-            let _ = raw.get_ref().shutdown(std::net::Shutdown::Both);
+            let _ = socket2::SockRef::from(raw.get_ref()).shutdown(std::net::Shutdown::Both);
         }),
     }
 }
