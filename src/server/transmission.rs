@@ -158,6 +158,8 @@ struct Conn {
     workers: AtomicUsize,
     max_workers: usize,
     serialize_all: bool,
+    /// The handle never blocks: small requests run under the read lock.
+    inline: bool,
     ctx: Arc<str>,
     name: String,
     /// Dropped with the last worker: wakes the connection's task.
@@ -180,6 +182,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
     let parallel = shared.model == ThreadModel::Parallel;
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let read_fd = reader.as_raw_fd();
+    let inline = !s.handle.blocks();
     let conn = Arc::new(Conn {
         id,
         hlen: if s.export.extended { EXT_REQUEST_LEN } else { REQUEST_LEN },
@@ -196,6 +199,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         workers: AtomicUsize::new(0),
         max_workers: if parallel { shared.threads.max(1) as usize } else { 1 },
         serialize_all: shared.model <= ThreadModel::SerializeAllRequests,
+        inline,
         name: ctx.to_string(),
         ctx,
         _done: done_tx,
@@ -231,46 +235,95 @@ enum Next {
 
 fn worker(conn: Arc<Conn>) {
     log::set_context(Some(conn.ctx.clone()));
-    loop {
+    // Replies of requests run under the read lock, not written yet.
+    let mut pending: Vec<u8> = Vec::new();
+    'outer: loop {
         conn.waiting.fetch_add(1, Ordering::AcqRel);
         let mut r = conn.reader.lock().unwrap_or_else(|e| e.into_inner());
         conn.waiting.fetch_sub(1, Ordering::AcqRel);
-        if conn.stop.load(Ordering::Acquire) {
-            break;
-        }
-        match read_one(&conn, &mut r) {
-            Next::Again => {}
-            Next::Stop { hung_up } => {
-                conn.stop.store(true, Ordering::Release);
-                if hung_up {
-                    conn.gone.store(true, Ordering::Release);
-                    shutdown::wake_sleepers();
-                }
-                break;
+        loop {
+            // Never wait for the client with replies held back.
+            if !pending.is_empty() && r.buffer().len() < conn.hlen && !flush(&conn, &mut pending) {
+                break 'outer;
             }
-            Next::Run(req, payload, budget) => {
-                // Someone must read the next request while this one runs.
-                if conn.waiting.load(Ordering::Acquire) == 0
-                    && conn.workers.load(Ordering::Acquire) < conn.max_workers
-                {
-                    spawn_worker(&conn);
-                }
-                drop(r);
-                let reply = shutdown::with_connection(&conn.gone, || {
-                    execute(&*conn.handle, &req, payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
-                });
-                let sent = send(&conn, reply);
-                drop(budget);
-                if sent.is_err() {
+            if conn.stop.load(Ordering::Acquire) {
+                break 'outer;
+            }
+            match read_one(&conn, &mut r) {
+                Next::Again => {}
+                Next::Stop { hung_up } => {
                     conn.stop.store(true, Ordering::Release);
-                    conn.gone.store(true, Ordering::Release);
-                    shutdown_fd(conn.read_fd, libc::SHUT_RDWR);
-                    break;
+                    if hung_up {
+                        conn.gone.store(true, Ordering::Release);
+                        shutdown::wake_sleepers();
+                    }
+                    break 'outer;
+                }
+                // A small request on a handle that never blocks runs right
+                // here: while the next request is already buffered no other
+                // thread wakes, and one write sends several replies.
+                Next::Run(req, payload, budget) if conn.inline && req.count <= INLINE_MAX => {
+                    let reply =
+                        execute(&*conn.handle, &req, payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
+                    pending.extend_from_slice(&reply.head);
+                    pending.extend_from_slice(&reply.data[..reply.data_len]);
+                    conn.pool.put(reply.data);
+                    drop(budget);
+                    if pending.len() >= 256 * 1024 && !flush(&conn, &mut pending) {
+                        break 'outer;
+                    }
+                }
+                Next::Run(req, payload, budget) => {
+                    if !flush(&conn, &mut pending) {
+                        break 'outer;
+                    }
+                    // Someone must read the next request while this one runs.
+                    if conn.waiting.load(Ordering::Acquire) == 0
+                        && conn.workers.load(Ordering::Acquire) < conn.max_workers
+                    {
+                        spawn_worker(&conn);
+                    }
+                    drop(r);
+                    let reply = shutdown::with_connection(&conn.gone, || {
+                        execute(&*conn.handle, &req, payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
+                    });
+                    let sent = send(&conn, reply);
+                    drop(budget);
+                    if sent.is_err() {
+                        broken(&conn);
+                        break 'outer;
+                    }
+                    continue 'outer;
                 }
             }
         }
     }
+    flush(&conn, &mut pending);
     conn.workers.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Requests up to this size on a handle that never blocks run on the
+/// thread holding the read lock.
+const INLINE_MAX: u64 = 128 * 1024;
+
+/// Writes the held-back replies; false if the socket is broken.
+fn flush(conn: &Conn, pending: &mut Vec<u8>) -> bool {
+    if pending.is_empty() {
+        return true;
+    }
+    let r = conn.writer.lock().unwrap_or_else(|e| e.into_inner()).write_all(pending);
+    pending.clear();
+    if r.is_err() {
+        broken(conn);
+    }
+    r.is_ok()
+}
+
+/// The client cannot be written to: stop everything on this connection.
+fn broken(conn: &Conn) {
+    conn.stop.store(true, Ordering::Release);
+    conn.gone.store(true, Ordering::Release);
+    shutdown_fd(conn.read_fd, libc::SHUT_RDWR);
 }
 
 fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
