@@ -8,7 +8,7 @@
 //! and replies go out in completion order.
 
 use std::fs::File;
-use std::io::{BufReader, IoSlice, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -227,6 +227,9 @@ fn spawn_worker(conn: &Arc<Conn>) {
 enum Next {
     /// A valid request to run, its payload and the budget it holds.
     Run(Request, Vec<u8>, Budget),
+    /// A small request to run inline whose payload is the next `count`
+    /// bytes of the read buffer (saves copying it out).
+    RunBuffered(Request, Budget),
     /// Handled already (an error reply was sent).
     Again,
     /// Stop reading: EOF, DISC, a protocol error or a broken socket.
@@ -262,9 +265,21 @@ fn worker(conn: Arc<Conn>) {
                 // A small request on a handle that never blocks runs right
                 // here: while the next request is already buffered no other
                 // thread wakes, and one write sends several replies.
+                Next::RunBuffered(req, budget) => {
+                    let n = req.count as usize;
+                    let reply =
+                        execute(&*conn.handle, &req, &r.buffer()[..n], conn.mode, &conn.export, conn.serialize_all, &conn.pool);
+                    r.consume(n);
+                    pending.extend_from_slice(&reply.head);
+                    drop(budget);
+                    if pending.len() >= 256 * 1024 && !flush(&conn, &mut pending) {
+                        break 'outer;
+                    }
+                }
                 Next::Run(req, payload, budget) if conn.inline && req.count <= INLINE_MAX => {
                     let reply =
-                        execute(&*conn.handle, &req, payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
+                        execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
+                    conn.pool.put(payload);
                     pending.extend_from_slice(&reply.head);
                     pending.extend_from_slice(&reply.data[..reply.data_len]);
                     conn.pool.put(reply.data);
@@ -285,8 +300,9 @@ fn worker(conn: Arc<Conn>) {
                     }
                     drop(r);
                     let reply = shutdown::with_connection(&conn.gone, || {
-                        execute(&*conn.handle, &req, payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
+                        execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
                     });
+                    conn.pool.put(payload);
                     let sent = send(&conn, reply);
                     drop(budget);
                     if sent.is_err() {
@@ -371,6 +387,18 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
         _ => 0,
     };
     let budget = Budget::take(held);
+    if shutdown::requested() {
+        if discard(r, plen).is_err() {
+            return Next::Stop { hung_up: true };
+        }
+        return match send(conn, error_reply(&req, conn.mode, errno::ESHUTDOWN)) {
+            Ok(()) => Next::Again,
+            Err(_) => Next::Stop { hung_up: true },
+        };
+    }
+    if conn.inline && req.count <= INLINE_MAX && plen > 0 && r.buffer().len() >= plen as usize {
+        return Next::RunBuffered(req, budget);
+    }
     let mut payload = Vec::new();
     if plen > 0 {
         payload = match conn.pool.get(plen as usize) {
@@ -380,13 +408,6 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
         if r.read_exact(&mut payload[..plen as usize]).is_err() {
             return Next::Stop { hung_up: true }; // a half-sent write never reaches the plugin
         }
-    }
-    if shutdown::requested() {
-        conn.pool.put(payload);
-        return match send(conn, error_reply(&req, conn.mode, errno::ESHUTDOWN)) {
-            Ok(()) => Next::Again,
-            Err(_) => Next::Stop { hung_up: true },
-        };
     }
     Next::Run(req, payload, budget)
 }
@@ -439,7 +460,7 @@ fn error_reply(req: &Request, mode: Mode, e: u32) -> Reply {
 pub fn execute(
     h: &dyn Handle,
     req: &Request,
-    payload: Vec<u8>,
+    payload: &[u8],
     mode: Mode,
     export: &request::Export,
     serialize_all: bool,
@@ -466,7 +487,6 @@ pub fn execute(
         }
         _ => Err(Error::invalid("unknown command")),
     };
-    pool.put(payload);
     let e = result.map_or_else(|e| failed(req, &e), |()| 0);
     let mut head = Vec::with_capacity(32);
     reply::no_payload(&mut head, mode, e, req.cookie, req.offset, false);
