@@ -13,6 +13,7 @@ pub mod backend;
 pub mod cli;
 pub mod error;
 pub mod filters;
+pub mod fuzzing;
 pub mod plugins;
 pub mod proto;
 pub mod server;
