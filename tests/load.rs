@@ -418,7 +418,6 @@ fn r02_fd_exhaustion_backs_off_and_recovers() {
 /// reading requests) when it is spent. Three such clients here push the
 /// server to about 2.7 GiB.
 #[test]
-#[ignore = "server bug: no global budget on in-flight payload bytes (bad-input.md R06); 3 stalled clients cost ~2.7 GiB"]
 fn r06_global_in_flight_budget() {
     const CLIENTS: usize = 3;
     let mut srv = start(&["memory", "1G"]);
@@ -452,7 +451,6 @@ fn r06_global_in_flight_budget() {
 /// client that once pipelined 16 × 64 MiB READs and then idles pins about
 /// 512 MiB of server memory (and N such clients N times that).
 #[test]
-#[ignore = "server bug: transmission::Pool keeps up to 8 buffers of up to 64 MiB per idle connection (~512 MiB pinned)"]
 fn idle_connection_releases_burst_buffers() {
     let mut srv = start(&["memory", "1G"]);
     let pid = srv.child.id();

@@ -82,7 +82,7 @@ impl Pool {
 /// The server-wide budget on bytes held by requests in flight (write
 /// payloads and read buffers). When it runs out, workers stop reading
 /// requests: back-pressure, not growth.
-pub const BUDGET_BYTES: u64 = 1 << 30;
+pub const BUDGET_BYTES: u64 = 512 << 20;
 static BUDGET: Mutex<u64> = Mutex::new(BUDGET_BYTES);
 static BUDGET_FREED: Condvar = Condvar::new();
 
