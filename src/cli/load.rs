@@ -18,26 +18,9 @@ fn gets_package_hint(name: &[u8]) -> bool {
     !name.is_empty() && name.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// nbdkit's `c_string_quote` body: C escapes for `\`, `"` and control
-/// characters, `\xHH` for every other unprintable or non-ASCII byte.
+/// nbdkit's `c_string_quote` body.
 pub(super) fn c_quote(s: &[u8]) -> String {
-    let mut out = String::with_capacity(s.len());
-    for &b in s {
-        match b {
-            b'\\' => out.push_str("\\\\"),
-            b'"' => out.push_str("\\\""),
-            7 => out.push_str("\\a"),
-            8 => out.push_str("\\b"),
-            12 => out.push_str("\\f"),
-            b'\n' => out.push_str("\\n"),
-            b'\r' => out.push_str("\\r"),
-            b'\t' => out.push_str("\\t"),
-            11 => out.push_str("\\v"),
-            0x20..=0x7e => out.push(b as char),
-            _ => out.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    out
+    crate::util::log::c_escape(s, true, false)
 }
 
 /// The built-in plugin called `name`, or nbdkit's message for stderr.

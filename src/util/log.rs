@@ -104,38 +104,43 @@ fn prefix() -> String {
     })
 }
 
-/// C-escape a debug message as nbdkit ≥ 1.36 does.
-fn escape(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len());
-    for b in msg.bytes() {
-        match b {
-            b'\\' => out.push_str("\\\\"),
-            7 => out.push_str("\\a"),
-            8 => out.push_str("\\b"),
-            12 => out.push_str("\\f"),
-            b'\n' => out.push_str("\\n"),
-            b'\r' => out.push_str("\\r"),
-            b'\t' => out.push_str("\\t"),
-            11 => out.push_str("\\v"),
-            0x20..=0x7e => out.push(b as char),
-            _ if b >= 0x80 => out.push(b as char),
-            _ => out.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    // Non-ASCII bytes were pushed one by one; rebuild from the original
-    // when the message had any, so UTF-8 survives.
-    if msg.bytes().any(|b| b >= 0x80) {
-        let mut s = String::new();
-        for ch in msg.chars() {
-            if ch.is_ascii() {
-                s.push_str(&escape(ch.encode_utf8(&mut [0; 4])));
-            } else {
-                s.push(ch);
+/// C-escapes `s`: backslash, the named control characters (`\a \b \f \n
+/// \r \t \v`), `\xHH` for other control bytes; `"` too when `quote`.
+/// Non-ASCII bytes stay as they are when `keep_utf8` (debug messages,
+/// nbdkit ≥ 1.36), else become `\xHH` (nbdkit's `c_string_quote`).
+pub fn c_escape(s: &[u8], quote: bool, keep_utf8: bool) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    for &b in s {
+        let esc: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'"' if quote => b"\\\"",
+            7 => b"\\a",
+            8 => b"\\b",
+            12 => b"\\f",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            11 => b"\\v",
+            0x20..=0x7e => {
+                out.push(b);
+                continue;
             }
-        }
-        return s;
+            0x80.. if keep_utf8 => {
+                out.push(b);
+                continue;
+            }
+            _ => {
+                out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+                continue;
+            }
+        };
+        out.extend_from_slice(esc);
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn escape(msg: &str) -> String {
+    c_escape(msg.as_bytes(), false, true)
 }
 
 /// Print a debug message (only with `-v`).
