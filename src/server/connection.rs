@@ -74,7 +74,7 @@ where
 {
     let chain = shared.chain;
     let readonly = shared.readonly;
-    let pre = blocking::unblock(move || chain.top().preconnect(readonly)).await;
+    let pre = blocking::unblock(move || shutdown::catch_panic("preconnect", || chain.top().preconnect(readonly))).await;
     if let Err(e) = pre {
         log::error(e.message());
         return;
@@ -186,7 +186,11 @@ where
             let (n, e, o, step) = blocking::unblock(move || {
                 log::set_context(ctx);
                 let p = if dropped { Payload::Dropped } else { Payload::Bytes(&owned) };
-                let step = neg.handle(h.option, p, &mut moved, &mut out);
+                // A panic in the plugin drops this client, not the server.
+                let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    neg.handle(h.option, p, &mut moved, &mut out)
+                }))
+                .unwrap_or(Step::Close);
                 (neg, moved, out, step)
             })
             .await;
@@ -240,7 +244,8 @@ async fn blocking_open(ex: &mut ConnExports, name: &str) -> Result<ExportInfo, S
     let ctx = log::context();
     let (m, r) = blocking::unblock(move || {
         log::set_context(ctx);
-        let r = moved.open(&name);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| moved.open(&name)))
+            .unwrap_or_else(|_| Err("open: internal error (panic)".to_string()));
         (moved, r)
     })
     .await;

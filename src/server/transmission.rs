@@ -468,9 +468,12 @@ pub fn execute(
 ) -> Reply {
     let _all = serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
     let fua = if req.flags & cmdflag::FUA != 0 { Flags::FUA } else { Flags::NONE };
-    let result = match req.cmd {
+    match req.cmd {
         cmd::READ => return read(h, req, mode, pool),
         cmd::BLOCK_STATUS => return block_status(h, req, mode, export.size),
+        _ => {}
+    }
+    let result = shutdown::catch_panic(cmd::name(req.cmd), || match req.cmd {
         cmd::WRITE => h.pwrite(&payload[..req.count as usize], req.offset, fua),
         cmd::FLUSH => h.flush(Flags::NONE),
         cmd::TRIM => h.trim(req.count, req.offset, fua),
@@ -486,7 +489,7 @@ pub fn execute(
             h.zero(req.count, req.offset, f)
         }
         _ => Err(Error::invalid("unknown command")),
-    };
+    });
     let e = result.map_or_else(|e| failed(req, &e), |()| 0);
     let mut head = Vec::with_capacity(32);
     reply::no_payload(&mut head, mode, e, req.cookie, req.offset, false);
@@ -505,7 +508,7 @@ fn failed(req: &Request, e: &Error) -> u32 {
 
 fn read(h: &dyn Handle, req: &Request, mode: Mode, pool: &Pool) -> Reply {
     let n = req.count as usize;
-    let result = pool.get(n).and_then(|mut buf| match h.pread(&mut buf[..n], req.offset, Flags::NONE) {
+    let result = pool.get(n).and_then(|mut buf| match shutdown::catch_panic("pread", || h.pread(&mut buf[..n], req.offset, Flags::NONE)) {
         Ok(()) => Ok(buf),
         Err(e) => {
             pool.put(buf);
@@ -547,7 +550,7 @@ fn block_status(h: &dyn Handle, req: &Request, mode: Mode, size: u64) -> Reply {
     let flags = if req_one { Flags::REQ_ONE } else { Flags::NONE };
     let mut ext = Extents::new(req.offset, size);
     let mut head = Vec::new();
-    if let Err(e) = h.extents(req.count, req.offset, flags, &mut ext) {
+    if let Err(e) = shutdown::catch_panic("extents", || h.extents(req.count, req.offset, flags, &mut ext)) {
         let code = failed(req, &e);
         reply::no_payload(&mut head, mode, code, req.cookie, req.offset, true);
         return Reply::head_only(head);
@@ -568,4 +571,55 @@ fn is_zero(buf: &[u8]) -> bool {
     let chunks = buf.chunks_exact(8);
     let tail = chunks.remainder();
     chunks.into_iter().all(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")) == 0) && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Caps;
+
+    /// A handle with a bug: every call panics.
+    struct Buggy;
+
+    impl Handle for Buggy {
+        fn size(&self) -> crate::error::Result<u64> {
+            Ok(1 << 20)
+        }
+        fn caps(&self) -> crate::error::Result<Caps> {
+            Ok(Caps { write: true, ..Caps::default() })
+        }
+        fn pread(&self, _: &mut [u8], _: u64, _: Flags) -> crate::error::Result<()> {
+            panic!("bug in pread")
+        }
+        fn pwrite(&self, _: &[u8], _: u64, _: Flags) -> crate::error::Result<()> {
+            panic!("bug in pwrite")
+        }
+    }
+
+    fn export() -> request::Export {
+        request::Export { size: 1 << 20, eflags: 1, structured: false, extended: false, base_allocation: false }
+    }
+
+    #[test]
+    fn a_panicking_plugin_call_becomes_eio() {
+        let pool = Pool::default();
+        for (c, payload) in [(cmd::READ, vec![]), (cmd::WRITE, vec![0; 512])] {
+            let req = Request { flags: 0, cmd: c, cookie: 9, offset: 0, count: 512 };
+            let r = execute(&Buggy, &req, &payload, Mode::Simple, &export(), false, &pool);
+            assert_eq!(r.data_len, 0, "no data after an error");
+            assert_eq!(&r.head[4..8], &errno::EIO.to_be_bytes(), "{}", cmd::name(c));
+            assert_eq!(&r.head[8..16], &9u64.to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn budget_is_given_back() {
+        // No other unit test takes from the budget.
+        assert_eq!(*BUDGET.lock().unwrap(), BUDGET_BYTES);
+        {
+            let _b = Budget::take(1 << 20);
+            assert_eq!(*BUDGET.lock().unwrap(), BUDGET_BYTES - (1 << 20));
+        }
+        assert_eq!(*BUDGET.lock().unwrap(), BUDGET_BYTES);
+    }
 }

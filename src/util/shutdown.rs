@@ -47,6 +47,16 @@ fn connection_gone() -> bool {
     CONN_GONE.with(|c| c.borrow().as_ref().is_some_and(|g| g.load(Ordering::Acquire)))
 }
 
+/// Runs a plugin or filter call, turning a panic into EIO for that call:
+/// a bug in one layer must not take the server (or the connection's
+/// reply stream) down with it.
+pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => Err(Error::io(format!("{what}: internal error (panic)"))),
+    }
+}
+
 /// Sleep for `d`, or fail with ESHUTDOWN as soon as shutdown begins or the
 /// current connection's client goes away.
 pub fn sleep(d: Duration) -> Result<()> {
