@@ -847,3 +847,23 @@ fn unwritable_log_file_is_an_error() {
     assert!(err.contains("/nonexistent-dir/x.log"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn plugin_debug_flag_file_zero_logs_fallocate_calls() {
+    require!("nbdsh", "--version");
+    let data = TempDir::new("fzero");
+    let img = data.path("disk.img");
+    std::fs::write(&img, vec![1u8; 1 << 20]).unwrap();
+    let run_zero = |opts: &[&str]| {
+        let (mut g, dir) = server_logged(opts, &["file", img.to_str().unwrap()]);
+        let out = run("nbdsh", &["-u", &unix_uri(&dir.path("sock")), "-c", "h.zero(65536, 0)"]);
+        assert!(out.status.success());
+        kill("TERM", g.pid());
+        assert_eq!(g.wait_exit(6.0).and_then(|s| s.code()), Some(0));
+        std::fs::read_to_string(dir.path("err")).unwrap()
+    };
+    let log = run_zero(&["-v", "-D", "file.zero=1"]);
+    assert!(log.contains("debug: fallocate (fd, 0x"), "{log}");
+    let log = run_zero(&["-v"]);
+    assert!(!log.contains("fallocate (fd,"), "without -D file.zero=1:\n{log}");
+}

@@ -99,6 +99,9 @@ fn start(cfg: Config) -> Result<i32, String> {
         }
     }
     crate::debug!("nbdkit {}", env!("CARGO_PKG_VERSION"));
+    log::set_debug_flags(
+        cfg.debug_flags.iter().map(|(n, f, v)| (n.clone(), f.replace('.', "_"), *v)).collect(),
+    );
     let flag = |name: &str| {
         cfg.debug_flags.iter().rev().find(|(n, f, _)| n == "nbdkit" && f.replace('.', "_") == name).map(|f| f.2 != 0)
     };

@@ -48,6 +48,23 @@ thread_local! {
     static CONTEXT: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
 }
 
+static DEBUG_FLAGS: OnceLock<Vec<(String, String, i64)>> = OnceLock::new();
+
+/// Records the `-D NAME.FLAG=N` flags (FLAG with `.` already turned into
+/// `_`, as nbdkit's variable names have it).
+pub fn set_debug_flags(flags: Vec<(String, String, i64)>) {
+    let _ = DEBUG_FLAGS.set(flags);
+}
+
+/// The value of `-D NAME.FLAG=N` (the last one given), 0 if not given: a
+/// plugin's or filter's debug switch, nbdkit's `NAME_debug_FLAG` variable.
+pub fn debug_flag(name: &str, flag: &str) -> i64 {
+    DEBUG_FLAGS
+        .get()
+        .and_then(|v| v.iter().rev().find(|(n, f, _)| n == name && f == flag))
+        .map_or(0, |f| f.2)
+}
+
 /// Turn debug messages on (`-v`).
 pub fn set_verbose(v: bool) {
     VERBOSE.store(v, Ordering::Relaxed);

@@ -54,7 +54,12 @@ pub fn fallocate(f: &File, mode: c_int, offset: u64, len: u64) -> io::Result<()>
     let (o, l) = (off(offset)?, off(len)?);
     // SAFETY: plain syscall on an fd we own; no pointers involved.
     let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, o, l) };
-    match cvt(r) {
+    let r = cvt(r);
+    if crate::util::log::debug_flag("file", "zero") > 0 {
+        let errno = r.as_ref().err().and_then(io::Error::raw_os_error).unwrap_or(0);
+        crate::debug!("fallocate (fd, 0x{mode:x}, {offset}, {len}) = {} (errno {errno})", if r.is_ok() { 0 } else { -1 });
+    }
+    match r {
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         r => r.map(drop),
     }
