@@ -629,6 +629,118 @@ mod tests {
         request::Export { size: 1 << 20, eflags: 1, structured: false, extended: false, base_allocation: false }
     }
 
+    /// Test plugins that block 30 ms per read and count how many reads run
+    /// at once: index 0 is parallel, 1 declares serialize_requests.
+    static RUNNING: [(AtomicUsize, AtomicUsize); 2] =
+        [(AtomicUsize::new(0), AtomicUsize::new(0)), (AtomicUsize::new(0), AtomicUsize::new(0))];
+
+    #[derive(Default)]
+    struct Slow<const I: usize>;
+
+    impl<const I: usize> crate::backend::Plugin for Slow<I> {
+        fn open(&self, _: bool, _: &str, _: bool) -> crate::error::Result<Box<dyn Handle>> {
+            Ok(Box::new(SlowHandle::<I>))
+        }
+    }
+
+    struct SlowHandle<const I: usize>;
+
+    impl<const I: usize> Handle for SlowHandle<I> {
+        fn size(&self) -> crate::error::Result<u64> {
+            Ok(1 << 20)
+        }
+        fn caps(&self) -> crate::error::Result<Caps> {
+            Ok(Caps::default())
+        }
+        fn pread(&self, buf: &mut [u8], _: u64, _: Flags) -> crate::error::Result<()> {
+            let (now, max) = &RUNNING[I];
+            let n = now.fetch_add(1, Ordering::AcqRel) + 1;
+            max.fetch_max(n, Ordering::AcqRel);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            now.fetch_sub(1, Ordering::AcqRel);
+            buf.fill(7);
+            Ok(())
+        }
+    }
+
+    inventory::submit! {
+        crate::backend::PluginEntry {
+            name: "test-slow-parallel", longname: "", description: "", help: "", magic_key: None,
+            api_version: 2, max_thread_model: ThreadModel::Parallel, errno_is_preserved: true, has: &[],
+            new: || Box::<Slow<0>>::default(),
+        }
+    }
+
+    inventory::submit! {
+        crate::backend::PluginEntry {
+            name: "test-slow-serial", longname: "", description: "", help: "", magic_key: None,
+            api_version: 2, max_thread_model: ThreadModel::SerializeRequests, errno_is_preserved: true, has: &[],
+            new: || Box::<Slow<1>>::default(),
+        }
+    }
+
+    /// Tests that use the server-wide byte budget run one at a time.
+    static BUDGET_TESTS: Mutex<()> = Mutex::new(());
+
+    /// Serves 8 pipelined reads through the real worker loop over a socket
+    /// pair; returns the most reads the plugin saw at once.
+    fn most_reads_at_once(plugin: &str, i: usize) -> usize {
+        let _one = BUDGET_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        use std::os::fd::OwnedFd;
+        use std::os::unix::net::UnixStream;
+        let mut chain = crate::backend::chain::Chain::new(plugin, &[]).unwrap();
+        chain.config_complete().unwrap();
+        chain.get_ready().unwrap();
+        let chain: &'static crate::backend::chain::Chain = Box::leak(Box::new(chain));
+        let model = chain.thread_model();
+        let (_tx, quit) = async_channel::bounded(1);
+        let shared = Arc::new(Shared {
+            chain,
+            readonly: false,
+            oldstyle: false,
+            mask_handshake: u32::MAX,
+            policy: crate::proto::negotiate::Policy::default(),
+            model,
+            threads: 16,
+            timeout: std::time::Duration::ZERO,
+            quit,
+        });
+        use crate::backend::Next;
+        let handle: Arc<dyn Handle> = Arc::from(chain.top().open(false, "", false).unwrap());
+        let session = Session { handle, mode: Mode::Simple, export: export() };
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let r = File::from(OwnedFd::from(server.try_clone().unwrap()));
+        let w = File::from(OwnedFd::from(server));
+        let t = std::thread::spawn(move || smol::block_on(run(&shared, session, r, w, "test".into())));
+        let mut reqs = Vec::new();
+        for cookie in 0..8u64 {
+            Request { flags: 0, cmd: cmd::READ, cookie, offset: cookie * 512, count: 512 }.encode(false, &mut reqs);
+        }
+        client.write_all(&reqs).unwrap();
+        let mut seen = [false; 8];
+        for _ in 0..8 {
+            let mut reply = [0u8; 16 + 512];
+            client.read_exact(&mut reply).unwrap();
+            assert_eq!(&reply[4..8], &[0; 4], "error reply");
+            seen[u64::from_be_bytes(reply[8..16].try_into().unwrap()) as usize] = true;
+            assert!(reply[16..].iter().all(|&b| b == 7));
+        }
+        assert!(seen.iter().all(|&x| x));
+        drop(client);
+        t.join().unwrap();
+        RUNNING[i].1.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn parallel_plugins_get_concurrent_requests() {
+        assert!(most_reads_at_once("test-slow-parallel", 0) > 1);
+    }
+
+    #[test]
+    fn serialize_requests_is_honoured() {
+        assert_eq!(most_reads_at_once("test-slow-serial", 1), 1);
+    }
+
     #[test]
     fn a_panicking_plugin_call_becomes_eio() {
         let pool = Pool::default();
@@ -643,7 +755,7 @@ mod tests {
 
     #[test]
     fn budget_is_given_back() {
-        // No other unit test takes from the budget.
+        let _one = BUDGET_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let free = || BUDGET.lock().unwrap().free;
         assert_eq!(free(), BUDGET_BYTES);
         {
