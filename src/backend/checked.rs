@@ -142,14 +142,6 @@ impl Handle for Checked {
         self.inner.pread(buf, offset, flags)
     }
 
-    fn pread_direct(&self, count: usize, offset: u64, send: &mut dyn FnMut(&[&[u8]]) -> bool) -> Option<Result<bool>> {
-        trace!(self, "pread count={} offset={}", count, offset);
-        if let Err(e) = self.range(count as u64, offset, ErrorKind::Invalid) {
-            return Some(Err(e));
-        }
-        self.inner.pread_direct(count, offset, send)
-    }
-
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         trace!(self, "pwrite count={} offset={} fua={}", buf.len(), offset, flags.contains(Flags::FUA) as u8);
         self.writable()?;

@@ -200,13 +200,6 @@ pub trait Handle: Send + Sync {
     }
     /// Read exactly `buf.len()` bytes at `offset`.
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()>;
-    /// Zero-copy read: calls `send` once with `[offset, offset+count)` as
-    /// slices of the layer's own storage (held stable during the call) and
-    /// returns what `send` returned (false: the socket broke). `None` if the
-    /// layer cannot; the caller then uses `pread`. `send` must not block.
-    fn pread_direct(&self, _count: usize, _offset: u64, _send: &mut dyn FnMut(&[&[u8]]) -> bool) -> Option<Result<bool>> {
-        None
-    }
     /// Write `buf` at `offset` (FUA only if caps.fua is Native).
     fn pwrite(&self, _buf: &[u8], _offset: u64, _flags: Flags) -> Result<()> {
         Err(Error::new(ErrorKind::ReadOnly, "pwrite not supported"))

@@ -93,9 +93,6 @@ impl Handle for MemoryHandle {
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         self.disk.read(buf, offset)
     }
-    fn pread_direct(&self, count: usize, offset: u64, send: &mut dyn FnMut(&[&[u8]]) -> bool) -> Option<Result<bool>> {
-        self.disk.read_direct(count, offset, send)
-    }
     fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
         self.disk.write(buf, offset)
     }

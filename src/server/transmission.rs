@@ -290,19 +290,6 @@ fn worker(conn: Arc<Conn>) {
                     }
                 }
                 Next::Run(req, payload, budget) if conn.inline && req.count <= INLINE_MAX => {
-                    if req.cmd == cmd::READ && req.count > HOLD_MAX as u64 && req.count <= DIRECT_MAX {
-                        if !flush(&conn, &mut pending) {
-                            break 'outer;
-                        }
-                        if let Some(ok) = read_direct(&conn, &req) {
-                            drop(budget);
-                            if !ok {
-                                broken(&conn);
-                                break 'outer;
-                            }
-                            continue;
-                        }
-                    }
                     let reply =
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
                     conn.pool.put(payload);
@@ -362,94 +349,6 @@ fn hold_or_send(conn: &Conn, pending: &mut Vec<u8>, reply: Reply) -> bool {
     pending.extend_from_slice(&reply.data[..reply.data_len]);
     conn.pool.put(reply.data);
     pending.len() < 256 * 1024 || flush(conn, pending)
-}
-
-/// Largest READ sent straight from the plugin's storage (32 KiB pages:
-/// at most 257 iovecs).
-const DIRECT_MAX: u64 = 8 << 20;
-
-/// A READ answered straight from the plugin's storage, saving the copy
-/// into a buffer: the reply goes out with a non-blocking `sendmsg` while
-/// the plugin holds its pages; whatever the socket does not take at once
-/// is copied out and written after the plugin has let go, so a client
-/// that stops reading never keeps pages locked. `None` if the plugin
-/// cannot (the caller uses `pread`); otherwise false if the socket broke.
-fn read_direct(conn: &Conn, req: &Request) -> Option<bool> {
-    let n = req.count as usize;
-    let mut w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
-    let fd = w.as_raw_fd();
-    let mut head = Vec::with_capacity(40);
-    let mut rest: Vec<u8> = Vec::new();
-    let mut send = |slices: &[&[u8]]| -> bool {
-        head.clear();
-        let mut data = slices;
-        match conn.mode {
-            Mode::Simple => reply::simple(&mut head, 0, req.cookie),
-            _ if req.flags & cmdflag::DF == 0 && slices.iter().all(|s| is_zero(s)) => {
-                use crate::proto::codec::Put;
-                reply::chunk_header(&mut head, conn.mode, chunk::FLAG_DONE, chunk::OFFSET_HOLE, req.cookie, req.offset, 12);
-                head.put_u64(req.offset);
-                head.put_u32(n as u32);
-                data = &[];
-            }
-            _ => reply::data_chunk_header(&mut head, conn.mode, req.cookie, req.offset, n as u64),
-        }
-        let Ok(mut sent) = send_nowait(fd, &head, data) else { return false };
-        // Keep what the socket did not take.
-        let total = head.len() + data.iter().map(|d| d.len()).sum::<usize>();
-        if rest.try_reserve_exact(total - sent).is_err() {
-            return false;
-        }
-        for part in std::iter::once(&head[..]).chain(data.iter().copied()) {
-            if sent >= part.len() {
-                sent -= part.len();
-            } else {
-                rest.extend_from_slice(&part[sent..]);
-                sent = 0;
-            }
-        }
-        true
-    };
-    let r = shutdown::catch_panic("pread", || Ok(conn.handle.pread_direct(n, req.offset, &mut send)));
-    match r {
-        Ok(None) => None,
-        Ok(Some(Ok(true))) => Some(rest.is_empty() || w.write_all(&rest).is_ok()),
-        Ok(Some(Ok(false))) => Some(false),
-        Ok(Some(Err(e))) | Err(e) => {
-            let code = failed(req, &e);
-            let mut head = Vec::with_capacity(32);
-            reply::no_payload(&mut head, conn.mode, code, req.cookie, req.offset, true);
-            Some(w.write_all(&head).is_ok())
-        }
-    }
-}
-
-/// `sendmsg(MSG_DONTWAIT)` of a header and data slices: the bytes sent,
-/// 0 if the socket would block (or is not a socket: `-s` on a pipe).
-#[allow(unsafe_code)]
-fn send_nowait(fd: RawFd, head: &[u8], data: &[&[u8]]) -> std::io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(data.len() + 1);
-    for part in std::iter::once(head).chain(data.iter().copied()) {
-        iov.push(libc::iovec { iov_base: part.as_ptr() as *mut libc::c_void, iov_len: part.len() });
-    }
-    loop {
-        // SAFETY: a zeroed msghdr is valid; it points at `iov`, whose
-        // entries point at slices that outlive this call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len() as _;
-        // SAFETY: sendmsg reads the buffers described by `msg` only.
-        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if r >= 0 {
-            return Ok(r as usize);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) | Some(libc::ENOTSOCK) => return Ok(0),
-            _ => return Err(e),
-        }
-    }
 }
 
 /// Writes the held-back replies; false if the socket is broken.

@@ -24,10 +24,6 @@ pub trait Allocator: Send + Sync {
     }
     /// Read `buf.len()` bytes at `offset`; never-written bytes are zeroes.
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
-    /// Zero-copy read (see `Handle::pread_direct`); `None` if unsupported.
-    fn read_direct(&self, _count: usize, _offset: u64, _send: &mut dyn FnMut(&[&[u8]]) -> bool) -> Option<Result<bool>> {
-        None
-    }
     /// Write `buf` at `offset`. Running out of memory is `ErrorKind::NoMem`
     /// and leaves what was written before intact.
     fn write(&self, buf: &[u8], offset: u64) -> Result<()>;

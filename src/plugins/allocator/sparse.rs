@@ -28,8 +28,6 @@ use crate::error::{Error, Result};
 pub const PAGE_SIZE: usize = 1 << PAGE_SHIFT;
 const PAGE_SHIFT: u32 = 15;
 const PAGE_MASK: u64 = PAGE_SIZE as u64 - 1;
-/// What an absent page reads as.
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 /// Entries per tree node: 1024 pages (32 MiB) per leaf.
 const FANOUT_BITS: u32 = 10;
 const FANOUT: usize = 1 << FANOUT_BITS;
@@ -266,27 +264,6 @@ impl Allocator for Sparse {
             done += n;
         }
         Ok(())
-    }
-
-    fn read_direct(&self, count: usize, offset: u64, send: &mut dyn FnMut(&[&[u8]]) -> bool) -> Option<Result<bool>> {
-        if let Err(e) = end_within("allocator=sparse", offset, count as u64, self.capacity) {
-            return Some(Err(e));
-        }
-        // Read locks on every page of the range, taken in ascending order
-        // (writers hold one page at a time, so this cannot deadlock), kept
-        // only while `send` runs.
-        let pieces: Vec<(u64, usize, usize)> = pieces(offset, count as u64).collect();
-        let guards: Vec<Option<RwLockReadGuard<'_, Option<Page>>>> =
-            pieces.iter().map(|&(index, _, _)| self.slot(index).map(read)).collect();
-        let slices: Vec<&[u8]> = pieces
-            .iter()
-            .zip(&guards)
-            .map(|(&(_, off, n), g)| match g.as_deref() {
-                Some(Some(page)) => &page[off..off + n],
-                _ => &ZERO_PAGE[..n],
-            })
-            .collect();
-        Some(Ok(send(&slices)))
     }
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
