@@ -180,6 +180,17 @@ pub fn nbdsh_ok(srv: &Server, script: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Python helper for libnbd scripts: `fails(ERRNO, f, *args)` asserts that
+/// the call fails with that errno name.
+pub const PY_FAILS: &str = r#"def fails(name, f, *args):
+    try:
+        f(*args)
+    except nbd.Error as e:
+        assert e.errno == name, "expected %s, got %s (%s)" % (name, e.errno, e.string)
+        return
+    raise AssertionError("expected %s, the call succeeded" % name)
+"#;
+
 /// Runs a Python 3 script (with libnbd importable) that must succeed.
 pub fn python_ok(script: &str) -> String {
     let o = run("/usr/bin/python3", &["-c", script]);
