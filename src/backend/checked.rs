@@ -142,6 +142,17 @@ impl Handle for Checked {
         self.inner.pread(buf, offset, flags)
     }
 
+    fn pread_lend(&self, count: usize, offset: u64, sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
+        if let Err(e) = self.range(count as u64, offset, ErrorKind::Invalid) {
+            return Some(Err(e));
+        }
+        let r = self.inner.pread_lend(count, offset, sink);
+        if r.is_some() {
+            trace!(self, "pread count={} offset={}", count, offset);
+        }
+        r
+    }
+
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         trace!(self, "pwrite count={} offset={} fua={}", buf.len(), offset, flags.contains(Flags::FUA) as u8);
         self.writable()?;

@@ -200,6 +200,15 @@ pub trait Handle: Send + Sync {
     }
     /// Read exactly `buf.len()` bytes at `offset`.
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()>;
+    /// Zero-copy read: lends `[offset, offset+count)` to `sink` as slices
+    /// of the layer's own storage, held still for the call, so the server
+    /// can send them without copying them into a buffer first. `None` if
+    /// the layer cannot (the server then calls `pread`). `sink` runs at
+    /// most once and bounds how long it keeps the slices; filters never
+    /// lend (they may change the data), only plugins that keep it in RAM.
+    fn pread_lend(&self, _count: usize, _offset: u64, _sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
+        None
+    }
     /// Write `buf` at `offset` (FUA only if caps.fua is Native).
     fn pwrite(&self, _buf: &[u8], _offset: u64, _flags: Flags) -> Result<()> {
         Err(Error::new(ErrorKind::ReadOnly, "pwrite not supported"))

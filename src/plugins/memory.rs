@@ -93,6 +93,9 @@ impl Handle for MemoryHandle {
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         self.disk.read(buf, offset)
     }
+    fn pread_lend(&self, count: usize, offset: u64, sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
+        self.disk.lend(count, offset, sink)
+    }
     fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
         self.disk.write(buf, offset)
     }

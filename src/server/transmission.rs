@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::Shared;
 use crate::backend::{Extents, Flags, Handle, ThreadModel};
@@ -160,7 +161,7 @@ struct Conn {
     hlen: usize,
     reader: Mutex<BufReader<File>>,
     read_fd: RawFd,
-    writer: Mutex<File>,
+    writer: Mutex<Sock>,
     pool: Pool,
     /// The client hung up: sleeping requests give up.
     gone: Arc<AtomicBool>,
@@ -173,6 +174,9 @@ struct Conn {
     serialize_all: bool,
     /// The handle never blocks: small requests run under the read lock.
     inline: bool,
+    /// Big READs are sent straight from the plugin's storage (the socket
+    /// has a send timeout that bounds how long it is lent).
+    lend: bool,
     ctx: Arc<str>,
     name: String,
     /// Dropped with the last worker: wakes the connection's task.
@@ -196,6 +200,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let read_fd = reader.as_raw_fd();
     let inline = !s.handle.blocks();
+    let lend = inline && set_send_timeout(writer.as_raw_fd(), LEND_TIME).is_ok();
     let conn = Arc::new(Conn {
         id,
         hlen: if s.export.extended { EXT_REQUEST_LEN } else { REQUEST_LEN },
@@ -204,7 +209,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         export: s.export,
         reader: Mutex::new(BufReader::with_capacity(128 * 1024, reader)),
         read_fd,
-        writer: Mutex::new(writer),
+        writer: Mutex::new(Sock(writer)),
         pool: Pool::default(),
         gone: Arc::new(AtomicBool::new(false)),
         stop: AtomicBool::new(false),
@@ -213,6 +218,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         max_workers: if parallel { shared.threads.max(1) as usize } else { 1 },
         serialize_all: shared.model <= ThreadModel::SerializeAllRequests,
         inline,
+        lend,
         name: ctx.to_string(),
         ctx,
         _done: done_tx,
@@ -289,6 +295,17 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
+                Next::Run(req, _, budget) if conn.lend && req.cmd == cmd::READ && req.count > HOLD_MAX as u64 => {
+                    if !flush(&conn, &mut pending) {
+                        break 'outer;
+                    }
+                    let ok = read_lent(&conn, &req);
+                    drop(budget);
+                    if !ok {
+                        broken(&conn);
+                        break 'outer;
+                    }
+                }
                 Next::Run(req, payload, budget) if conn.inline && req.count <= INLINE_MAX => {
                     let reply =
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
@@ -349,6 +366,139 @@ fn hold_or_send(conn: &Conn, pending: &mut Vec<u8>, reply: Reply) -> bool {
     pending.extend_from_slice(&reply.data[..reply.data_len]);
     conn.pool.put(reply.data);
     pending.len() < 256 * 1024 || flush(conn, pending)
+}
+
+/// How long a READ reply may keep the plugin's storage lent while the
+/// socket is full (the send timeout of the connection's socket).
+const LEND_TIME: Duration = Duration::from_millis(50);
+
+/// The writing side of a connection. Its socket may have a send timeout
+/// (see [`read_lent`]); everywhere else a write that times out is retried,
+/// as if the socket had none.
+struct Sock(File);
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write_vectored(bufs) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sets SO_SNDTIMEO; fails on anything but a socket (`-s` on pipes).
+#[allow(unsafe_code)]
+fn set_send_timeout(fd: RawFd, t: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
+    // SAFETY: setsockopt reads a timeval of the size given.
+    let r = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&tv as *const libc::timeval).cast(),
+                         std::mem::size_of::<libc::timeval>() as libc::socklen_t)
+    };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A READ answered straight from the plugin's storage, without the copy
+/// into a buffer: the reply is written from the lent slices; if the
+/// client does not take it all within [`LEND_TIME`] (the socket's send
+/// timeout), the rest is copied out and written once the plugin has its
+/// storage back, so a client that stops reading cannot keep pages locked
+/// and writers waiting. False if the socket is broken.
+fn read_lent(conn: &Conn, req: &Request) -> bool {
+    let n = req.count as usize;
+    let _all = conn.serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
+    let mut sent = None;
+    let lent = {
+        let mut sink = |slices: &[&[u8]]| sent = Some(send_lent(&mut w, conn, req, slices));
+        shutdown::catch_panic("pread", || Ok(conn.handle.pread_lend(n, req.offset, &mut sink)))
+    };
+    let reply = match (lent, sent) {
+        (_, Some(Ok(rest))) => rest,
+        (_, Some(Err(_))) => return false,
+        // The handle does not lend after all: the copying read.
+        (Ok(None), None) => read(&*conn.handle, req, conn.mode, &conn.pool),
+        (Ok(Some(Ok(()))), None) => {
+            let code = failed(req, &Error::new(ErrorKind::Io, "pread_lend: no data"));
+            let mut head = Vec::with_capacity(32);
+            reply::no_payload(&mut head, conn.mode, code, req.cookie, req.offset, true);
+            Reply::head_only(head)
+        }
+        (Ok(Some(Err(e))) | Err(e), None) => {
+            let code = failed(req, &e);
+            let mut head = Vec::with_capacity(32);
+            reply::no_payload(&mut head, conn.mode, code, req.cookie, req.offset, true);
+            Reply::head_only(head)
+        }
+    };
+    let r = write_all2(&mut *w, &reply.head, &reply.data[..reply.data_len]).is_ok();
+    conn.pool.put(reply.data);
+    r
+}
+
+/// Writes the reply to `req` with `data` (the lent storage) until done or
+/// [`LEND_TIME`] has passed; returns what is left to write, copied out.
+fn send_lent(w: &mut Sock, conn: &Conn, req: &Request, data: &[&[u8]]) -> std::io::Result<Reply> {
+    let n = req.count as usize;
+    let mut head = Vec::with_capacity(40);
+    let mut data = data;
+    match conn.mode {
+        Mode::Simple => reply::simple(&mut head, 0, req.cookie),
+        _ if req.flags & cmdflag::DF == 0 && data.iter().all(|d| is_zero(d)) => {
+            // A sparse read: one hole chunk instead of the zeroes.
+            use crate::proto::codec::Put;
+            reply::chunk_header(&mut head, conn.mode, chunk::FLAG_DONE, chunk::OFFSET_HOLE, req.cookie, req.offset, 12);
+            head.put_u64(req.offset);
+            head.put_u32(n as u32);
+            data = &[];
+        }
+        _ => reply::data_chunk_header(&mut head, conn.mode, req.cookie, req.offset, n as u64),
+    }
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(data.len() + 1);
+    iov.push(IoSlice::new(&head));
+    iov.extend(data.iter().map(|d| IoSlice::new(d)));
+    let mut left = &mut iov[..];
+    let until = Instant::now() + LEND_TIME;
+    while !left.is_empty() {
+        match w.0.write_vectored(left) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(k) => IoSlice::advance_slices(&mut left, k),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+        if Instant::now() >= until {
+            break;
+        }
+    }
+    // Copy out what the client has not taken yet.
+    let size = left.iter().map(|s| s.len()).sum();
+    if size == 0 {
+        return Ok(Reply::head_only(Vec::new()));
+    }
+    let mut rest = conn.pool.get(size).map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+    let mut at = 0;
+    for s in left.iter() {
+        rest[at..at + s.len()].copy_from_slice(s);
+        at += s.len();
+    }
+    Ok(Reply { head: Vec::new(), data: rest, data_len: size })
 }
 
 /// Writes the held-back replies; false if the socket is broken.

@@ -127,6 +127,20 @@ impl Allocator for Malloc {
         Ok(())
     }
 
+    fn lend(&self, count: usize, offset: u64, sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
+        let end = match end_within("allocator=malloc", offset, count as u64, LIMIT) {
+            Ok(end) => end,
+            Err(e) => return Some(Err(e)),
+        };
+        let v = self.read_lock();
+        // Past the buffer (never written): the copying read fills zeroes.
+        if end > v.len() as u64 {
+            return None;
+        }
+        sink(&[&v[offset as usize..end as usize]]);
+        Some(Ok(()))
+    }
+
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.put(buf.len() as u64, offset, |dst| dst.copy_from_slice(buf))
     }
@@ -160,6 +174,19 @@ impl Allocator for Malloc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lends_what_it_holds_and_nothing_past_it() {
+        let m = Malloc::new(false);
+        m.set_size_hint(4096).unwrap();
+        m.write(b"hello", 100).unwrap();
+        let mut got = Vec::new();
+        assert!(matches!(m.lend(10, 98, &mut |s| got = s.concat()), Some(Ok(()))));
+        assert_eq!(got, b"\0\0hello\0\0\0");
+        // Past the buffer the copying read supplies zeroes.
+        assert!(m.lend(10, 4090, &mut |_| panic!()).is_none());
+        assert!(matches!(m.lend(2, u64::MAX, &mut |_| panic!()), Some(Err(_))));
+    }
 
     #[test]
     fn size_hint_allocates_and_writes_grow() {

@@ -24,6 +24,11 @@ pub trait Allocator: Send + Sync {
     }
     /// Read `buf.len()` bytes at `offset`; never-written bytes are zeroes.
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Lends `count` bytes at `offset` to `sink` as slices of the storage
+    /// (see `Handle::pread_lend`); `None` if this allocator cannot.
+    fn lend(&self, _count: usize, _offset: u64, _sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
+        None
+    }
     /// Write `buf` at `offset`. Running out of memory is `ErrorKind::NoMem`
     /// and leaves what was written before intact.
     fn write(&self, buf: &[u8], offset: u64) -> Result<()>;

@@ -28,6 +28,10 @@ use crate::error::{Error, Result};
 pub const PAGE_SIZE: usize = 1 << PAGE_SHIFT;
 const PAGE_SHIFT: u32 = 15;
 const PAGE_MASK: u64 = PAGE_SIZE as u64 - 1;
+/// What a page never written reads as, when lent.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+/// Largest request lent page by page (257 slices at most).
+const LEND_MAX: usize = 8 << 20;
 /// Entries per tree node: 1024 pages (32 MiB) per leaf.
 const FANOUT_BITS: u32 = 10;
 const FANOUT: usize = 1 << FANOUT_BITS;
@@ -266,6 +270,31 @@ impl Allocator for Sparse {
         Ok(())
     }
 
+    fn lend(&self, count: usize, offset: u64, sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
+        if count > LEND_MAX {
+            return None;
+        }
+        if let Err(e) = end_within("allocator=sparse", offset, count as u64, self.capacity) {
+            return Some(Err(e));
+        }
+        // Read locks on every page of the range, taken in ascending order
+        // while writers hold one page at a time (no deadlock), kept for as
+        // long as the sink runs.
+        let pieces: Vec<(u64, usize, usize)> = pieces(offset, count as u64).collect();
+        let guards: Vec<Option<RwLockReadGuard<'_, Option<Page>>>> =
+            pieces.iter().map(|&(index, _, _)| self.slot(index).map(read)).collect();
+        let slices: Vec<&[u8]> = pieces
+            .iter()
+            .zip(&guards)
+            .map(|(&(_, off, n), guard)| match guard.as_deref() {
+                Some(Some(page)) => &page[off..off + n],
+                _ => &ZERO_PAGE[..n],
+            })
+            .collect();
+        sink(&slices);
+        Some(Ok(()))
+    }
+
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.put(Src::Bytes(buf), buf.len() as u64, offset)
     }
@@ -436,6 +465,32 @@ mod tests {
         assert!(all[..(P - 5) as usize].iter().all(|&b| b == 0));
         assert!(all[(P - 5) as usize..(4 * P + 4) as usize] == data[..(3 * P + 9) as usize]);
         assert_eq!(all[(4 * P + 4) as usize..], [0xcc; 3]);
+    }
+
+    #[test]
+    fn lent_slices_are_what_read_returns() {
+        let s = Sparse::new(12 * P + 100).unwrap();
+        let data: Vec<u8> = (0..5 * P + 13).map(|i| (i % 253) as u8 + 1).collect();
+        s.write(&data, 2 * P - 7).unwrap();
+        s.write(&[0; 9], 9 * P).unwrap(); // an allocated page of zeroes
+        for (offset, count) in [(0, 12 * P + 100), (2 * P - 7, 1), (P + 1, 3 * P), (11 * P, P + 100), (5, 0)] {
+            let mut want = vec![0xee; count as usize];
+            s.read(&mut want, offset).unwrap();
+            let mut got = Vec::new();
+            let mut calls = 0;
+            let r = s.lend(count as usize, offset, &mut |slices| {
+                calls += 1;
+                assert!(slices.iter().all(|s| s.len() <= PAGE_SIZE));
+                got = slices.concat();
+            });
+            assert!(matches!(r, Some(Ok(()))));
+            assert_eq!((calls, got.len()), (1, count as usize));
+            assert!(got == want, "offset {offset} count {count}");
+        }
+        // Out of range: an error, the sink not called; too big: not lent.
+        assert!(matches!(s.lend(101, 12 * P, &mut |_| panic!()), Some(Err(_))));
+        let big = Sparse::new(64 << 20).unwrap();
+        assert!(big.lend(LEND_MAX + 1, 0, &mut |_| panic!()).is_none());
     }
 
     // Bad-input P19 (ENOMEM under `ulimit -v`, earlier data intact) is tested
