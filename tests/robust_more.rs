@@ -270,3 +270,29 @@ fn lent_pages_are_not_held_by_a_client_that_stops_reading() {
     }
     srv.health_check();
 }
+
+/// Big WRITE payloads of the memory plugin are read straight into fresh
+/// pages, swapped in once the whole payload is there. A client that stalls
+/// mid-payload locks nothing meanwhile (others read and write the same
+/// pages), and when it goes on, its write lands whole.
+#[test]
+fn a_stalled_write_payload_holds_no_pages() {
+    let mut srv = Server::start(&["memory", "64M"]);
+    let (mut other, _, _) = client(&srv, true, false);
+    other.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut slow, _, _) = client(&srv, false, false);
+    let data = pattern(8 << 20, 7);
+    let half = 3 << 20;
+    request(&mut slow, 0, CMD_WRITE, 1, 4096, 8 << 20, &data[..half]);
+    thread::sleep(Duration::from_millis(200));
+    // Meanwhile: the old data (zeroes) reads back, and writes go through.
+    assert_eq!(read_ok(&mut other, true, 2, 4096, 1 << 20), vec![0; 1 << 20]);
+    write_ok(&mut other, 3, 0, &pattern(8192, 8));
+    // The rest of the payload: the whole write, over the other one's data.
+    slow.write_all(&data[half..]).unwrap();
+    expect_simple(&mut slow, 1, 0);
+    let mut want = pattern(8192, 8)[..4096].to_vec();
+    want.extend_from_slice(&data);
+    assert!(read_ok(&mut other, true, 4, 0, (want.len()) as u32) == want);
+    srv.health_check();
+}

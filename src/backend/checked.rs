@@ -160,6 +160,26 @@ impl Handle for Checked {
         self.with_fua(flags, |f| self.inner.pwrite(buf, offset, f))
     }
 
+    fn pwrite_fill(&self, count: usize, offset: u64, flags: Flags,
+                   fill: &mut dyn FnMut(&mut [&mut [u8]]) -> bool) -> Option<Result<()>> {
+        if let Err(e) = self.writable().and_then(|()| self.range(count as u64, offset, ErrorKind::NoSpace)) {
+            return Some(Err(e));
+        }
+        let mut filled = true;
+        let r = self.with_fua(flags, |f| match self.inner.pwrite_fill(count, offset, f, fill) {
+            Some(r) => r,
+            None => {
+                filled = false;
+                Ok(())
+            }
+        });
+        if !filled {
+            return None;
+        }
+        trace!(self, "pwrite count={} offset={} fua={}", count, offset, flags.contains(Flags::FUA) as u8);
+        Some(r)
+    }
+
     fn flush(&self, flags: Flags) -> Result<()> {
         if log::trace_controlpath() {
             log::debug(&format!("{}: flush", self.name));

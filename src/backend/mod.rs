@@ -209,6 +209,18 @@ pub trait Handle: Send + Sync {
     fn pread_lend(&self, _count: usize, _offset: u64, _sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
         None
     }
+    /// Zero-copy write: hands `fill` fresh storage for `[offset,
+    /// offset+count)` as slices to fill (the server reads the payload
+    /// straight into them) and makes it the data only if `fill` returns
+    /// true, that is if every byte arrived; otherwise nothing changes. An
+    /// error returned before `fill` ran leaves the payload unread. `None`
+    /// if the layer cannot (the server then calls `pwrite`, with the
+    /// payload still unread). Filters never do; `fill` may block, so the
+    /// layer must not hold locks others wait for while it runs.
+    fn pwrite_fill(&self, _count: usize, _offset: u64, _flags: Flags,
+                   _fill: &mut dyn FnMut(&mut [&mut [u8]]) -> bool) -> Option<Result<()>> {
+        None
+    }
     /// Write `buf` at `offset` (FUA only if caps.fua is Native).
     fn pwrite(&self, _buf: &[u8], _offset: u64, _flags: Flags) -> Result<()> {
         Err(Error::new(ErrorKind::ReadOnly, "pwrite not supported"))

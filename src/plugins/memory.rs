@@ -96,6 +96,10 @@ impl Handle for MemoryHandle {
     fn pread_lend(&self, count: usize, offset: u64, sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
         self.disk.lend(count, offset, sink)
     }
+    fn pwrite_fill(&self, count: usize, offset: u64, _flags: Flags,
+                   fill: &mut dyn FnMut(&mut [&mut [u8]]) -> bool) -> Option<Result<()>> {
+        self.disk.write_fill(count, offset, fill)
+    }
     fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
         self.disk.write(buf, offset)
     }

@@ -249,6 +249,9 @@ enum Next {
     /// A small request to run inline whose payload is the next `count`
     /// bytes of the read buffer (saves copying it out).
     RunBuffered(Request, Budget),
+    /// A big WRITE on a handle that never blocks, its payload still to
+    /// be read: straight into the plugin's storage if it can.
+    Fill(Request, Budget),
     /// Handled already (an error reply was sent).
     Again,
     /// Stop reading: EOF, DISC, a protocol error or a broken socket.
@@ -292,6 +295,20 @@ fn worker(conn: Arc<Conn>) {
                     let ok = hold_or_send(&conn, &mut pending, reply);
                     drop(budget);
                     if !ok {
+                        break 'outer;
+                    }
+                }
+                Next::Fill(req, budget) => {
+                    let reply = write_filled(&conn, &mut r, &req);
+                    drop(budget);
+                    let Some(reply) = reply else {
+                        // The payload was cut off: nothing was written.
+                        conn.stop.store(true, Ordering::Release);
+                        conn.gone.store(true, Ordering::Release);
+                        shutdown::wake_sleepers();
+                        break 'outer;
+                    };
+                    if !hold_or_send(&conn, &mut pending, reply) {
                         break 'outer;
                     }
                 }
@@ -501,6 +518,81 @@ fn send_lent(w: &mut Sock, conn: &Conn, req: &Request, data: &[&[u8]]) -> std::i
     Ok(Reply { head: Vec::new(), data: rest, data_len: size })
 }
 
+/// Runs a big WRITE whose payload is still unread: the handle hands out
+/// fresh storage, the payload is read straight into it, and it becomes
+/// the data only once all of it has arrived (a payload cut off never
+/// reaches the disk). A handle that cannot gets the usual `pwrite`.
+/// `None` if the client hung up mid-payload or the socket broke.
+fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<Reply> {
+    let n = req.count as usize;
+    let fua = if req.flags & cmdflag::FUA != 0 { Flags::FUA } else { Flags::NONE };
+    // None: `fill` did not run; Some(false): the payload was cut off.
+    let mut arrived = None;
+    let result = {
+        let mut fill = |bufs: &mut [&mut [u8]]| {
+            let ok = read_into(r, bufs);
+            arrived = Some(ok);
+            ok
+        };
+        let _all = conn.serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
+        shutdown::catch_panic("pwrite", || Ok(conn.handle.pwrite_fill(n, req.offset, fua, &mut fill)))
+    };
+    let code = match (arrived, result) {
+        (Some(false), _) => return None,
+        (Some(true), Ok(Some(Ok(())))) => 0,
+        (None, Ok(None)) => {
+            // Not supported after all: the payload into a buffer, as usual.
+            let mut payload = match conn.pool.get(n) {
+                Ok(p) => p,
+                Err(e) => {
+                    discard(r, n as u64).ok()?;
+                    return Some(write_reply(conn, req, failed(req, &e)));
+                }
+            };
+            r.read_exact(&mut payload[..n]).ok()?;
+            let reply = execute(&*conn.handle, req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
+            conn.pool.put(payload);
+            return Some(reply);
+        }
+        (Some(true), Ok(None)) | (None, Ok(Some(Ok(())))) => {
+            if arrived.is_none() {
+                discard(r, n as u64).ok()?;
+            }
+            failed(req, &Error::new(ErrorKind::Io, "pwrite_fill: the payload was not taken"))
+        }
+        (arrived, Ok(Some(Err(e))) | Err(e)) => {
+            if arrived.is_none() {
+                discard(r, n as u64).ok()?;
+            }
+            failed(req, &e)
+        }
+    };
+    Some(write_reply(conn, req, code))
+}
+
+/// The reply to a WRITE (or any request without data) with error `code`.
+fn write_reply(conn: &Conn, req: &Request, code: u32) -> Reply {
+    let mut head = Vec::with_capacity(32);
+    reply::no_payload(&mut head, conn.mode, code, req.cookie, req.offset, false);
+    Reply::head_only(head)
+}
+
+/// Fills `bufs` from the connection: what is buffered first, then straight
+/// from the socket. False on EOF or a broken socket.
+fn read_into(r: &mut BufReader<File>, bufs: &mut [&mut [u8]]) -> bool {
+    let mut iov: Vec<std::io::IoSliceMut<'_>> = bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+    let mut left = &mut iov[..];
+    while !left.is_empty() {
+        match r.read_vectored(left) {
+            Ok(0) => return false,
+            Ok(k) => std::io::IoSliceMut::advance_slices(&mut left, k),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Writes the held-back replies; false if the socket is broken.
 fn flush(conn: &Conn, pending: &mut Vec<u8>) -> bool {
     if pending.is_empty() {
@@ -577,6 +669,9 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
     }
     if conn.inline && req.count <= INLINE_MAX && plen > 0 && r.buffer().len() >= plen as usize {
         return Next::RunBuffered(req, budget);
+    }
+    if conn.inline && req.cmd == cmd::WRITE && plen > HOLD_MAX as u64 {
+        return Next::Fill(req, budget);
     }
     let mut payload = Vec::new();
     if plen > 0 {

@@ -29,6 +29,10 @@ pub trait Allocator: Send + Sync {
     fn lend(&self, _count: usize, _offset: u64, _sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
         None
     }
+    /// Zero-copy write (see `Handle::pwrite_fill`); `None` if unsupported.
+    fn write_fill(&self, _count: usize, _offset: u64, _fill: &mut dyn FnMut(&mut [&mut [u8]]) -> bool) -> Option<Result<()>> {
+        None
+    }
     /// Write `buf` at `offset`. Running out of memory is `ErrorKind::NoMem`
     /// and leaves what was written before intact.
     fn write(&self, buf: &[u8], offset: u64) -> Result<()>;

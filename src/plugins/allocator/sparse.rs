@@ -17,7 +17,7 @@
 //! that request with ENOMEM and touches nothing else.
 
 use std::ops::ControlFlow;
-use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{end_within, is_zero, nomem, Allocator};
 use crate::backend::extents::{HOLE, MAX_EXTENTS, ZERO};
@@ -62,7 +62,12 @@ impl Node {
 pub struct Sparse {
     capacity: u64,
     root: Node,
+    /// Pages that left the disk, for [`Allocator::write_fill`] to fill.
+    spare: Mutex<Vec<Page>>,
 }
+
+/// Most pages kept in `spare` (8 MiB).
+const SPARE_MAX: usize = 256;
 
 /// What [`Sparse::walk`] finds: a run of pages under an empty subtree, or
 /// one page slot (which may be empty too).
@@ -91,7 +96,7 @@ impl Sparse {
             shift += FANOUT_BITS;
         }
         let width = pages.div_ceil(1 << shift) as usize;
-        Ok(Sparse { capacity, root: Node::new(shift, width)? })
+        Ok(Sparse { capacity, root: Node::new(shift, width)?, spare: Mutex::new(Vec::new()) })
     }
 
     /// The slot of page `index`, if its leaf exists.
@@ -158,6 +163,28 @@ impl Sparse {
             done += n;
         }
         Ok(())
+    }
+
+    /// `n` pages of any content: spare ones first, then new ones.
+    fn take_spare(&self, n: usize) -> Result<Vec<Page>> {
+        let mut pages = Vec::new();
+        pages.try_reserve_exact(n).map_err(|_| nomem("calloc"))?;
+        {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            let k = spare.len().saturating_sub(n);
+            pages.extend(spare.drain(k..));
+        }
+        while pages.len() < n {
+            pages.push(new_page(0, 0, Src::Byte(0))?);
+        }
+        Ok(pages)
+    }
+
+    /// Keeps pages for [`Sparse::take_spare`], up to [`SPARE_MAX`].
+    fn give_spare(&self, pages: Vec<Page>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let room = SPARE_MAX.saturating_sub(spare.len());
+        spare.extend(pages.into_iter().take(room));
     }
 
     /// Number of allocated pages.
@@ -292,6 +319,50 @@ impl Allocator for Sparse {
             })
             .collect();
         sink(&slices);
+        Some(Ok(()))
+    }
+
+    fn write_fill(&self, count: usize, offset: u64, fill: &mut dyn FnMut(&mut [&mut [u8]]) -> bool) -> Option<Result<()>> {
+        if count > LEND_MAX {
+            return None;
+        }
+        if let Err(e) = end_within("allocator=sparse", offset, count as u64, self.capacity) {
+            return Some(Err(e));
+        }
+        let pieces: Vec<(u64, usize, usize)> = pieces(offset, count as u64).collect();
+        // Everything that can fail comes first: once the data is in, it
+        // goes in whole. No page is locked while `fill` waits for it.
+        let slots: Result<Vec<&Slot>> = pieces.iter().map(|&(index, _, _)| self.slot_or_create(index)).collect();
+        let (slots, mut fresh) = match slots.and_then(|s| Ok((s, self.take_spare(pieces.len())?))) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut bufs: Vec<&mut [u8]> =
+            fresh.iter_mut().zip(&pieces).map(|(page, &(_, off, n))| &mut page[off..off + n]).collect();
+        if !fill(&mut bufs) {
+            drop(bufs);
+            self.give_spare(fresh);
+            return Some(Ok(()));
+        }
+        drop(bufs);
+        // Whole pages are swapped in, partial ones copied.
+        let mut old = Vec::with_capacity(fresh.len());
+        for ((mut page, &(_, off, n)), slot) in fresh.into_iter().zip(&pieces).zip(slots) {
+            let mut guard = write(slot);
+            match &mut *guard {
+                Some(cur) if n == PAGE_SIZE => old.push(std::mem::replace(cur, page)),
+                Some(cur) => {
+                    cur[off..off + n].copy_from_slice(&page[off..off + n]);
+                    old.push(page);
+                }
+                empty => {
+                    page[..off].fill(0);
+                    page[off + n..].fill(0);
+                    *empty = Some(page);
+                }
+            }
+        }
+        self.give_spare(old);
         Some(Ok(()))
     }
 
@@ -491,6 +562,49 @@ mod tests {
         assert!(matches!(s.lend(101, 12 * P, &mut |_| panic!()), Some(Err(_))));
         let big = Sparse::new(64 << 20).unwrap();
         assert!(big.lend(LEND_MAX + 1, 0, &mut |_| panic!()).is_none());
+    }
+
+    #[test]
+    fn filled_writes_apply_whole_or_not_at_all() {
+        let s = Sparse::new(16 * P).unwrap();
+        let old: Vec<u8> = (0..16 * P).map(|i| (i % 241) as u8 + 1).collect();
+        s.write(&old[..(8 * P) as usize], 0).unwrap(); // pages 8.. stay absent
+        let mut model = old.clone();
+        model[(8 * P) as usize..].fill(0);
+        let check = |model: &[u8]| {
+            let mut all = vec![0xee; (16 * P) as usize];
+            s.read(&mut all, 0).unwrap();
+            assert!(all == model);
+        };
+        // (offset, count): whole pages, partial ends, absent pages, mixed.
+        let cases = [(2 * P, 3 * P), (P + 5, 2 * P), (9 * P + 100, P), (7 * P - 3, 2 * P + 6), (0, 16 * P), (15 * P, 1)];
+        for (k, &(offset, count)) in cases.iter().enumerate() {
+            let data: Vec<u8> = (0..count).map(|i| ((i + k as u64 * 7) % 239) as u8 + 2).collect();
+            // A payload cut off: nothing changes.
+            let r = s.write_fill(count as usize, offset, &mut |bufs| {
+                assert_eq!(bufs.iter().map(|b| b.len()).sum::<usize>(), count as usize);
+                bufs[0].fill(0x55);
+                false
+            });
+            assert!(matches!(r, Some(Ok(()))));
+            check(&model);
+            // A whole payload: exactly these bytes change (spare pages with
+            // stale data never show through).
+            let r = s.write_fill(count as usize, offset, &mut |bufs| {
+                let mut at = 0;
+                for b in bufs.iter_mut() {
+                    b.copy_from_slice(&data[at..at + b.len()]);
+                    at += b.len();
+                }
+                true
+            });
+            assert!(matches!(r, Some(Ok(()))));
+            model[offset as usize..(offset + count) as usize].copy_from_slice(&data);
+            check(&model);
+        }
+        assert!(s.spare.lock().unwrap().len() <= SPARE_MAX);
+        assert!(matches!(s.write_fill(2, 16 * P - 1, &mut |_| panic!()), Some(Err(_))));
+        assert!(s.write_fill(LEND_MAX + 1, 0, &mut |_| panic!()).is_none());
     }
 
     // Bad-input P19 (ENOMEM under `ulimit -v`, earlier data intact) is tested
