@@ -323,6 +323,12 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
+                Next::Run(req, _, budget) if conn.lend && req.cmd == cmd::READ && read_held(&conn, &req, &mut pending) => {
+                    drop(budget);
+                    if pending.len() >= 256 * 1024 && !flush(&conn, &mut pending) {
+                        break 'outer;
+                    }
+                }
                 Next::Run(req, payload, budget) if conn.inline && req.count <= INLINE_MAX => {
                     let reply =
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
@@ -431,6 +437,34 @@ fn set_send_timeout(fd: RawFd, t: Duration) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A small READ whose reply is copied from the plugin's storage straight
+/// into the replies held back (one copy instead of two); false if the
+/// handle does not lend (nothing happened).
+fn read_held(conn: &Conn, req: &Request, pending: &mut Vec<u8>) -> bool {
+    let start = pending.len();
+    let mut done = false;
+    let lent = {
+        let _all = conn.serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut sink = |data: &[&[u8]]| {
+            if read_head(pending, conn.mode, req, data) {
+                data.iter().for_each(|d| pending.extend_from_slice(d));
+            }
+            done = true;
+        };
+        shutdown::catch_panic("pread", || Ok(conn.handle.pread_lend(req.count as usize, req.offset, &mut sink)))
+    };
+    let e = match lent {
+        Ok(None) if !done => return false,
+        Ok(Some(Ok(()))) if done => return true,
+        Ok(Some(Ok(())) | None) => Error::new(ErrorKind::Io, "pread_lend: no data"),
+        Ok(Some(Err(e))) | Err(e) => e,
+    };
+    pending.truncate(start);
+    let code = failed(req, &e);
+    reply::no_payload(pending, conn.mode, code, req.cookie, req.offset, true);
+    true
+}
+
 /// A READ answered straight from the plugin's storage, without the copy
 /// into a buffer: the reply is written from the lent slices; if the
 /// client does not take it all within [`LEND_TIME`] (the socket's send
@@ -472,21 +506,8 @@ fn read_lent(conn: &Conn, req: &Request) -> bool {
 /// Writes the reply to `req` with `data` (the lent storage) until done or
 /// [`LEND_TIME`] has passed; returns what is left to write, copied out.
 fn send_lent(w: &mut Sock, conn: &Conn, req: &Request, data: &[&[u8]]) -> std::io::Result<Reply> {
-    let n = req.count as usize;
     let mut head = Vec::with_capacity(40);
-    let mut data = data;
-    match conn.mode {
-        Mode::Simple => reply::simple(&mut head, 0, req.cookie),
-        _ if req.flags & cmdflag::DF == 0 && data.iter().all(|d| is_zero(d)) => {
-            // A sparse read: one hole chunk instead of the zeroes.
-            use crate::proto::codec::Put;
-            reply::chunk_header(&mut head, conn.mode, chunk::FLAG_DONE, chunk::OFFSET_HOLE, req.cookie, req.offset, 12);
-            head.put_u64(req.offset);
-            head.put_u32(n as u32);
-            data = &[];
-        }
-        _ => reply::data_chunk_header(&mut head, conn.mode, req.cookie, req.offset, n as u64),
-    }
+    let data = if read_head(&mut head, conn.mode, req, data) { data } else { &[] };
     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(data.len() + 1);
     iov.push(IoSlice::new(&head));
     iov.extend(data.iter().map(|d| IoSlice::new(d)));
@@ -798,25 +819,29 @@ fn read(h: &dyn Handle, req: &Request, mode: Mode, pool: &Pool) -> Reply {
             return Reply::head_only(head);
         }
     };
-    match mode {
-        Mode::Simple => {
-            reply::simple(&mut head, 0, req.cookie);
-            Reply { head, data: buf, data_len: n }
-        }
-        _ if req.flags & cmdflag::DF == 0 && is_zero(&buf[..n]) => {
-            // A sparse read: one hole chunk instead of the zeroes.
-            use crate::proto::codec::Put;
-            reply::chunk_header(&mut head, mode, chunk::FLAG_DONE, chunk::OFFSET_HOLE, req.cookie, req.offset, 12);
-            head.put_u64(req.offset);
-            head.put_u32(n as u32);
-            pool.put(buf);
-            Reply::head_only(head)
-        }
-        _ => {
-            reply::data_chunk_header(&mut head, mode, req.cookie, req.offset, n as u64);
-            Reply { head, data: buf, data_len: n }
-        }
+    if read_head(&mut head, mode, req, &[&buf[..n]]) {
+        Reply { head, data: buf, data_len: n }
+    } else {
+        pool.put(buf);
+        Reply::head_only(head)
     }
+}
+
+/// Appends the header of a successful READ reply whose data is `data`;
+/// false if the data is not to follow (all zeroes: one hole chunk instead).
+fn read_head(head: &mut Vec<u8>, mode: Mode, req: &Request, data: &[&[u8]]) -> bool {
+    match mode {
+        Mode::Simple => reply::simple(head, 0, req.cookie),
+        _ if req.flags & cmdflag::DF == 0 && data.iter().all(|d| is_zero(d)) => {
+            use crate::proto::codec::Put;
+            reply::chunk_header(head, mode, chunk::FLAG_DONE, chunk::OFFSET_HOLE, req.cookie, req.offset, 12);
+            head.put_u64(req.offset);
+            head.put_u32(req.count as u32);
+            return false;
+        }
+        _ => reply::data_chunk_header(head, mode, req.cookie, req.offset, req.count),
+    }
+    true
 }
 
 fn block_status(h: &dyn Handle, req: &Request, mode: Mode, size: u64) -> Reply {
