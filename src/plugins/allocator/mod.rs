@@ -6,6 +6,7 @@
 //! one contiguous buffer. nbdkit's third type, zstd, is not built.
 
 pub mod malloc;
+mod pages;
 pub mod sparse;
 
 use crate::backend::{BlockSize, Extents};

@@ -17,16 +17,17 @@
 //! that request with ENOMEM and touches nothing else.
 
 use std::ops::ControlFlow;
-use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+pub use super::pages::PAGE_SIZE;
+use super::pages::{self, Page};
 use super::{end_within, is_zero, nomem, Allocator};
 use crate::backend::extents::{HOLE, MAX_EXTENTS, ZERO};
 use crate::backend::Extents;
 use crate::error::{Error, Result};
 
-/// Bytes per page, as nbdkit's sparse array.
-pub const PAGE_SIZE: usize = 1 << PAGE_SHIFT;
 const PAGE_SHIFT: u32 = 15;
+const _: () = assert!(PAGE_SIZE == 1 << PAGE_SHIFT);
 const PAGE_MASK: u64 = PAGE_SIZE as u64 - 1;
 /// What a page never written reads as, when lent.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -36,7 +37,6 @@ const LEND_MAX: usize = 8 << 20;
 const FANOUT_BITS: u32 = 10;
 const FANOUT: usize = 1 << FANOUT_BITS;
 
-type Page = Box<[u8; PAGE_SIZE]>;
 /// One page of the disk: `None` until written, and again once zeroed.
 type Slot = RwLock<Option<Page>>;
 
@@ -62,12 +62,7 @@ impl Node {
 pub struct Sparse {
     capacity: u64,
     root: Node,
-    /// Pages that left the disk, for [`Allocator::write_fill`] to fill.
-    spare: Mutex<Vec<Page>>,
 }
-
-/// Most pages kept in `spare` (8 MiB).
-const SPARE_MAX: usize = 256;
 
 /// What [`Sparse::walk`] finds: a run of pages under an empty subtree, or
 /// one page slot (which may be empty too).
@@ -96,7 +91,7 @@ impl Sparse {
             shift += FANOUT_BITS;
         }
         let width = pages.div_ceil(1 << shift) as usize;
-        Ok(Sparse { capacity, root: Node::new(shift, width)?, spare: Mutex::new(Vec::new()) })
+        Ok(Sparse { capacity, root: Node::new(shift, width)? })
     }
 
     /// The slot of page `index`, if its leaf exists.
@@ -165,28 +160,6 @@ impl Sparse {
         Ok(())
     }
 
-    /// `n` pages of any content: spare ones first, then new ones.
-    fn take_spare(&self, n: usize) -> Result<Vec<Page>> {
-        let mut pages = Vec::new();
-        pages.try_reserve_exact(n).map_err(|_| nomem("calloc"))?;
-        {
-            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-            let k = spare.len().saturating_sub(n);
-            pages.extend(spare.drain(k..));
-        }
-        while pages.len() < n {
-            pages.push(new_page(0, 0, Src::Byte(0))?);
-        }
-        Ok(pages)
-    }
-
-    /// Keeps pages for [`Sparse::take_spare`], up to [`SPARE_MAX`].
-    fn give_spare(&self, pages: Vec<Page>) {
-        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-        let room = SPARE_MAX.saturating_sub(spare.len());
-        spare.extend(pages.into_iter().take(room));
-    }
-
     /// Number of allocated pages.
     #[cfg(test)]
     fn pages(&self) -> u64 {
@@ -250,15 +223,14 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
 
 /// A new page holding `src` at `off` (for `n` bytes) and zeroes elsewhere.
 fn new_page(off: usize, n: usize, src: Src<'_>) -> Result<Page> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(PAGE_SIZE).map_err(|_| nomem("calloc"))?;
-    v.resize(off, 0);
+    let mut page = pages::one()?;
+    page[..off].fill(0);
     match src {
-        Src::Bytes(b) => v.extend_from_slice(b),
-        Src::Byte(c) => v.resize(off + n, c),
+        Src::Bytes(b) => page[off..off + n].copy_from_slice(b),
+        Src::Byte(c) => page[off..off + n].fill(c),
     }
-    v.resize(PAGE_SIZE, 0);
-    v.into_boxed_slice().try_into().map_err(|_| nomem("calloc"))
+    page[off + n..].fill(0);
+    Ok(page)
 }
 
 /// A boxed slice of `n` values, or ENOMEM.
@@ -333,15 +305,13 @@ impl Allocator for Sparse {
         // Everything that can fail comes first: once the data is in, it
         // goes in whole. No page is locked while `fill` waits for it.
         let slots: Result<Vec<&Slot>> = pieces.iter().map(|&(index, _, _)| self.slot_or_create(index)).collect();
-        let (slots, mut fresh) = match slots.and_then(|s| Ok((s, self.take_spare(pieces.len())?))) {
+        let (slots, mut fresh) = match slots.and_then(|s| Ok((s, pages::take(pieces.len())?))) {
             Ok(v) => v,
             Err(e) => return Some(Err(e)),
         };
         let mut bufs: Vec<&mut [u8]> =
             fresh.iter_mut().zip(&pieces).map(|(page, &(_, off, n))| &mut page[off..off + n]).collect();
         if !fill(&mut bufs) {
-            drop(bufs);
-            self.give_spare(fresh);
             return Some(Ok(()));
         }
         drop(bufs);
@@ -362,7 +332,7 @@ impl Allocator for Sparse {
                 }
             }
         }
-        self.give_spare(old);
+        drop(old); // back to the free pages, with no page locked
         Some(Ok(()))
     }
 
@@ -588,7 +558,7 @@ mod tests {
             });
             assert!(matches!(r, Some(Ok(()))));
             check(&model);
-            // A whole payload: exactly these bytes change (spare pages with
+            // A whole payload: exactly these bytes change (reused pages with
             // stale data never show through).
             let r = s.write_fill(count as usize, offset, &mut |bufs| {
                 let mut at = 0;
@@ -602,7 +572,6 @@ mod tests {
             model[offset as usize..(offset + count) as usize].copy_from_slice(&data);
             check(&model);
         }
-        assert!(s.spare.lock().unwrap().len() <= SPARE_MAX);
         assert!(matches!(s.write_fill(2, 16 * P - 1, &mut |_| panic!()), Some(Err(_))));
         assert!(s.write_fill(LEND_MAX + 1, 0, &mut |_| panic!()).is_none());
     }
