@@ -450,7 +450,8 @@ fn widen_unix_send_buffer(fd: RawFd) {
 /// Sets SO_SNDTIMEO; fails on anything but a socket (`-s` on pipes).
 #[allow(unsafe_code)]
 fn set_send_timeout(fd: RawFd, t: Duration) -> std::io::Result<()> {
-    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
+    // (`as _`: musl's time_t and suseconds_t aliases are deprecated in libc.)
+    let tv = libc::timeval { tv_sec: t.as_secs() as _, tv_usec: t.subsec_micros() as _ };
     // SAFETY: setsockopt reads a timeval of the size given.
     let r = unsafe {
         libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&tv as *const libc::timeval).cast(),
@@ -580,7 +581,6 @@ fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<R
             arrived = Some(ok);
             ok
         };
-        let _all = conn.serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
         shutdown::catch_panic("pwrite", || Ok(conn.handle.pwrite_fill(n, req.offset, fua, &mut fill)))
     };
     let code = match (arrived, result) {
@@ -716,7 +716,9 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
     if conn.inline && req.count <= INLINE_MAX && plen > 0 && r.buffer().len() >= plen as usize {
         return Next::RunBuffered(req, budget);
     }
-    if conn.inline && req.cmd == cmd::WRITE && plen > HOLD_MAX as u64 {
+    // (Not under serialize_all_requests: the payload would be read with
+    // every other connection waiting.)
+    if conn.inline && !conn.serialize_all && req.cmd == cmd::WRITE && plen > HOLD_MAX as u64 {
         return Next::Fill(req, budget);
     }
     let mut payload = Vec::new();

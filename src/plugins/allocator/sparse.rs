@@ -241,6 +241,16 @@ fn try_slice<T>(n: usize, f: impl FnMut() -> T) -> Result<Box<[T]>> {
     Ok(v.into_boxed_slice())
 }
 
+type PageGuard<'a> = RwLockReadGuard<'a, Option<Page>>;
+
+/// The bytes of `piece` (index, offset, length) of a read-locked page.
+fn lent<'a>(guard: &'a Option<PageGuard<'_>>, (_, off, n): (u64, usize, usize)) -> &'a [u8] {
+    match guard.as_deref() {
+        Some(Some(page)) => &page[off..off + n],
+        _ => &ZERO_PAGE[..n],
+    }
+}
+
 // A panic while a page was locked cannot leave it half-valid (any bytes are
 // valid bytes), so poisoning is ignored.
 fn read(slot: &Slot) -> RwLockReadGuard<'_, Option<Page>> {
@@ -278,19 +288,26 @@ impl Allocator for Sparse {
         }
         // Read locks on every page of the range, taken in ascending order
         // while writers hold one page at a time (no deadlock), kept for as
-        // long as the sink runs.
-        let pieces: Vec<(u64, usize, usize)> = pieces(offset, count as u64).collect();
-        let guards: Vec<Option<RwLockReadGuard<'_, Option<Page>>>> =
-            pieces.iter().map(|&(index, _, _)| self.slot(index).map(read)).collect();
-        let slices: Vec<&[u8]> = pieces
-            .iter()
-            .zip(&guards)
-            .map(|(&(_, off, n), guard)| match guard.as_deref() {
-                Some(Some(page)) => &page[off..off + n],
-                _ => &ZERO_PAGE[..n],
-            })
-            .collect();
-        sink(&slices);
+        // long as the sink runs. Small requests (most of them) need no
+        // allocation.
+        const SMALL: usize = 4;
+        let npages = pieces(offset, count as u64).count();
+        if npages <= SMALL {
+            let mut guards: [Option<PageGuard<'_>>; SMALL] = Default::default();
+            for (guard, (index, _, _)) in guards.iter_mut().zip(pieces(offset, count as u64)) {
+                *guard = self.slot(index).map(read);
+            }
+            let mut slices: [&[u8]; SMALL] = [&[]; SMALL];
+            for ((slice, guard), piece) in slices.iter_mut().zip(&guards).zip(pieces(offset, count as u64)) {
+                *slice = lent(guard, piece);
+            }
+            sink(&slices[..npages]);
+        } else {
+            let guards: Vec<(Option<PageGuard<'_>>, (u64, usize, usize))> =
+                pieces(offset, count as u64).map(|piece| (self.slot(piece.0).map(read), piece)).collect();
+            let slices: Vec<&[u8]> = guards.iter().map(|(guard, piece)| lent(guard, *piece)).collect();
+            sink(&slices);
+        }
         Some(Ok(()))
     }
 
