@@ -303,7 +303,8 @@ fn worker(conn: Arc<Conn>) {
                     let reply = write_filled(&conn, &mut r, &req);
                     drop(budget);
                     let Some(reply) = reply else {
-                        // The payload was cut off: nothing was written.
+                        // The payload was cut off (or the socket broke):
+                        // nothing was written.
                         conn.stop.store(true, Ordering::Release);
                         conn.gone.store(true, Ordering::Release);
                         shutdown::wake_sleepers();
@@ -324,6 +325,9 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
+                // The guard does the work: `read_held` answers the READ
+                // into `pending`, or returns false having done nothing (the
+                // handle does not lend) and the next arm copies as usual.
                 Next::Run(req, _, budget) if conn.lend && req.cmd == cmd::READ && read_held(&conn, &req, &mut pending) => {
                     drop(budget);
                     if pending.len() >= 256 * 1024 && !flush(&conn, &mut pending) {
