@@ -684,3 +684,16 @@ pub fn option_bytes(option: u32, payload: &[u8]) -> Vec<u8> {
     v.extend_from_slice(payload);
     v
 }
+
+/// The payload of NBD_OPT_INFO / NBD_OPT_GO: export name, then the
+/// information requests (for seeds and tests).
+pub fn info_go_payload(name: &[u8], infos: &[u16]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(6 + name.len() + 2 * infos.len());
+    p.put_u32(name.len() as u32);
+    p.extend_from_slice(name);
+    p.put_u16(infos.len() as u16);
+    for i in infos {
+        p.put_u16(*i);
+    }
+    p
+}

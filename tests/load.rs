@@ -35,12 +35,7 @@ fn raise_nofile(want: u64) {
 
 /// Peak resident set size of a process, in KiB.
 fn hwm_kib(pid: u32) -> u64 {
-    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    st.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    status_kib(pid, "VmHWM:")
 }
 
 /// Threads of a process.

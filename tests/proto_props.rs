@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use nbdkit::fuzzing::{self, configs, drive, option_bytes, NegotiationEnd, RequestsEnd};
+use nbdkit::fuzzing::{self, configs, drive, info_go_payload, option_bytes, NegotiationEnd, RequestsEnd};
 use nbdkit::proto::codec::Put;
 use nbdkit::proto::negotiate::{parse_info_go, parse_meta, MAX_OPTIONS};
 use nbdkit::proto::request::{self, in_bounds, validate, Request};
@@ -92,16 +92,6 @@ fn query() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-fn info_go_payload(name: &[u8], infos: &[u16]) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.put_u32(name.len() as u32);
-    p.extend_from_slice(name);
-    p.put_u16(infos.len() as u16);
-    for i in infos {
-        p.put_u16(*i);
-    }
-    p
-}
 
 fn meta_payload(name: &[u8], queries: &[Vec<u8>]) -> Vec<u8> {
     let mut p = Vec::new();

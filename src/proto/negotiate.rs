@@ -461,16 +461,7 @@ mod tests {
         (Negotiation::new(policy, 3, 3).unwrap(), Fake { opens: 0, open: false })
     }
 
-    fn go_payload(name: &[u8], infos: &[u16]) -> Vec<u8> {
-        let mut p = Vec::new();
-        p.put_u32(name.len() as u32);
-        p.extend_from_slice(name);
-        p.put_u16(infos.len() as u16);
-        for i in infos {
-            p.put_u16(*i);
-        }
-        p
-    }
+    use crate::fuzzing::info_go_payload as go_payload;
 
     /// Reply types in `out`, in order.
     fn reply_types(out: &[u8]) -> Vec<u32> {

@@ -106,13 +106,7 @@ pub fn expect_reply(s: &mut UnixStream, option: u32, typ: u32) -> Vec<u8> {
 
 /// INFO/GO payload with info requests.
 pub fn info_payload(name: &[u8], infos: &[u16]) -> Vec<u8> {
-    let mut p = (name.len() as u32).to_be_bytes().to_vec();
-    p.extend_from_slice(name);
-    p.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        p.extend_from_slice(&i.to_be_bytes());
-    }
-    p
+    nbdkit::fuzzing::info_go_payload(name, infos)
 }
 
 /// LIST_/SET_META_CONTEXT payload.
@@ -322,9 +316,14 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Resident set size of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB field of /proc/PID/status (`VmRSS:`, `VmHWM:`…).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     st.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
