@@ -515,18 +515,11 @@ fn read_lent(conn: &Conn, req: &Request) -> bool {
         (_, Some(Err(_))) => return false,
         // The handle does not lend after all: the copying read.
         (Ok(None), None) => read(&*conn.handle, req, conn.mode, &conn.pool),
-        (Ok(Some(Ok(()))), None) => {
-            let code = failed(req, &Error::new(ErrorKind::Io, "pread_lend: no data"));
-            let mut head = Vec::with_capacity(32);
-            reply::no_payload(&mut head, conn.mode, code, req.cookie, req.offset, true);
-            Reply::head_only(head)
+        (Ok(Some(r)), None) => {
+            let e = r.err().unwrap_or_else(|| Error::new(ErrorKind::Io, "pread_lend: no data"));
+            error_reply(req, conn.mode, failed(req, &e))
         }
-        (Ok(Some(Err(e))) | Err(e), None) => {
-            let code = failed(req, &e);
-            let mut head = Vec::with_capacity(32);
-            reply::no_payload(&mut head, conn.mode, code, req.cookie, req.offset, true);
-            Reply::head_only(head)
-        }
+        (Err(e), None) => error_reply(req, conn.mode, failed(req, &e)),
     };
     let r = write_all2(&mut *w, &reply.head, &reply.data[..reply.data_len]).is_ok();
     conn.pool.put(reply.data);
@@ -596,7 +589,7 @@ fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<R
                 Ok(p) => p,
                 Err(e) => {
                     discard(r, n as u64).ok()?;
-                    return Some(write_reply(conn, req, failed(req, &e)));
+                    return Some(error_reply(req, conn.mode, failed(req, &e)));
                 }
             };
             r.read_exact(&mut payload[..n]).ok()?;
@@ -617,14 +610,7 @@ fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<R
             failed(req, &e)
         }
     };
-    Some(write_reply(conn, req, code))
-}
-
-/// The reply to a WRITE (or any request without data) with error `code`.
-fn write_reply(conn: &Conn, req: &Request, code: u32) -> Reply {
-    let mut head = Vec::with_capacity(32);
-    reply::no_payload(&mut head, conn.mode, code, req.cookie, req.offset, false);
-    Reply::head_only(head)
+    Some(error_reply(req, conn.mode, code))
 }
 
 /// Fills `bufs` from the connection: what is buffered first, then straight
@@ -774,7 +760,8 @@ fn write_all2(w: &mut impl Write, mut a: &[u8], mut b: &[u8]) -> std::io::Result
     Ok(())
 }
 
-/// The reply for a request that failed before reaching the plugin.
+/// The reply without data to `req`: error `e`, or success if `e` is 0
+/// (an error to a READ or BLOCK_STATUS is a chunk in structured mode).
 fn error_reply(req: &Request, mode: Mode, e: u32) -> Reply {
     let mut head = Vec::with_capacity(32);
     let chunked = matches!(req.cmd, cmd::READ | cmd::BLOCK_STATUS);
