@@ -3,6 +3,7 @@
 
 pub mod connection;
 pub mod listen;
+mod nap;
 pub mod process;
 pub mod transmission;
 pub mod uri;

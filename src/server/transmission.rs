@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::Shared;
+use super::{nap, Shared};
 use crate::backend::{Extents, Flags, Handle, ThreadModel};
 use crate::error::{Error, ErrorKind};
 use crate::proto::reply::{self, Mode};
@@ -263,6 +263,10 @@ fn worker(conn: Arc<Conn>) {
     log::set_context(Some(conn.ctx.clone()));
     // Replies of requests run under the read lock, not written yet.
     let mut pending: Vec<u8> = Vec::new();
+    let mut batch = nap::Batch::default();
+    if conn.inline {
+        nap::precise_sleeps();
+    }
     'outer: loop {
         conn.waiting.fetch_add(1, Ordering::AcqRel);
         let mut r = conn.reader.lock().unwrap_or_else(|e| e.into_inner());
@@ -272,10 +276,23 @@ fn worker(conn: Arc<Conn>) {
             if !pending.is_empty() && r.buffer().len() < conn.hlen && !flush(&conn, &mut pending) {
                 break 'outer;
             }
+            // A client keeping many small requests in flight: let them pile
+            // up (see nap.rs).
+            if r.buffer().is_empty() && batch.ended() && conn.inline {
+                std::thread::sleep(nap::NAP);
+            }
             if conn.stop.load(Ordering::Acquire) {
                 break 'outer;
             }
-            match read_one(&conn, &mut r) {
+            let next = read_one(&conn, &mut r);
+            match &next {
+                Next::Run(req, ..) | Next::RunBuffered(req, ..) | Next::Fill(req, ..) => {
+                    batch.saw(matches!(req.cmd, cmd::READ | cmd::WRITE), req.count)
+                }
+                Next::Again => batch.saw(false, 0),
+                Next::Stop { .. } => {}
+            }
+            match next {
                 Next::Again => {}
                 Next::Stop { hung_up } => {
                     conn.stop.store(true, Ordering::Release);
