@@ -331,11 +331,17 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
-                Next::Run(req, _, budget) if conn.lend && req.cmd == cmd::READ && req.count > HOLD_MAX as u64 => {
+                // Big READs, and any READ with nothing else to answer or to
+                // read (queue depth 1): sent straight from the storage.
+                Next::Run(req, _, budget)
+                    if conn.lend
+                        && req.cmd == cmd::READ
+                        && (req.count > HOLD_MAX as u64 || (pending.is_empty() && r.buffer().is_empty())) =>
+                {
                     if !flush(&conn, &mut pending) {
                         break 'outer;
                     }
-                    let ok = read_lent(&conn, &req);
+                    let ok = read_lent(&conn, &req, &mut pending);
                     drop(budget);
                     if !ok {
                         broken(&conn);
@@ -517,16 +523,18 @@ fn read_held(conn: &Conn, req: &Request, pending: &mut Vec<u8>) -> bool {
 /// client does not take it all within [`LEND_TIME`] (the socket's send
 /// timeout), the rest is copied out and written once the plugin has its
 /// storage back, so a client that stops reading cannot keep pages locked
-/// and writers waiting. False if the socket is broken.
-fn read_lent(conn: &Conn, req: &Request) -> bool {
+/// and writers waiting. False if the socket is broken. `scratch` is an
+/// empty buffer for the header; it is left empty.
+fn read_lent(conn: &Conn, req: &Request, scratch: &mut Vec<u8>) -> bool {
     let n = req.count as usize;
     let _all = conn.serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
     let mut w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
     let mut sent = None;
     let lent = {
-        let mut sink = |slices: &[&[u8]]| sent = Some(send_lent(&mut w, conn, req, slices));
+        let mut sink = |slices: &[&[u8]]| sent = Some(send_lent(&mut w, conn, req, slices, scratch));
         shutdown::catch_panic("pread", || Ok(conn.handle.pread_lend(n, req.offset, &mut sink)))
     };
+    scratch.clear();
     let reply = match (lent, sent) {
         (_, Some(Ok(rest))) => rest,
         (_, Some(Err(_))) => return false,
@@ -545,13 +553,23 @@ fn read_lent(conn: &Conn, req: &Request) -> bool {
 
 /// Writes the reply to `req` with `data` (the lent storage) until done or
 /// [`LEND_TIME`] has passed; returns what is left to write, copied out.
-fn send_lent(w: &mut Sock, conn: &Conn, req: &Request, data: &[&[u8]]) -> std::io::Result<Reply> {
-    let mut head = Vec::with_capacity(40);
-    let data = if read_head(&mut head, conn.mode, req, data) { data } else { &[] };
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(data.len() + 1);
-    iov.push(IoSlice::new(&head));
-    iov.extend(data.iter().map(|d| IoSlice::new(d)));
-    let mut left = &mut iov[..];
+///
+/// `head` is an empty buffer for the reply header (saves an allocation).
+fn send_lent(w: &mut Sock, conn: &Conn, req: &Request, data: &[&[u8]], head: &mut Vec<u8>) -> std::io::Result<Reply> {
+    head.clear();
+    let data = if read_head(head, conn.mode, req, data) { data } else { &[] };
+    // Small READs span a page or two: their iovec stays on the stack.
+    let mut few = [IoSlice::new(&[]); 4];
+    let mut many = Vec::new();
+    let iov = if data.len() < few.len() {
+        &mut few[..data.len() + 1]
+    } else {
+        many.resize(data.len() + 1, IoSlice::new(&[]));
+        &mut many[..]
+    };
+    iov[0] = IoSlice::new(head);
+    iov[1..].iter_mut().zip(data).for_each(|(v, d)| *v = IoSlice::new(d));
+    let mut left = iov;
     let until = Instant::now() + LEND_TIME;
     while !left.is_empty() {
         match w.0.write_vectored(left) {
