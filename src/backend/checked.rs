@@ -153,6 +153,16 @@ impl Handle for Checked {
         r
     }
 
+    fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        // Out of range: the usual path reports it.
+        self.range(buf.len() as u64, offset, ErrorKind::Invalid).ok()?;
+        let r = self.inner.pread_nowait(buf, offset);
+        if r.is_some() {
+            trace!(self, "pread count={} offset={}", buf.len(), offset);
+        }
+        r
+    }
+
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         trace!(self, "pwrite count={} offset={} fua={}", buf.len(), offset, flags.contains(Flags::FUA) as u8);
         self.writable()?;

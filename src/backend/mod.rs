@@ -209,6 +209,13 @@ pub trait Handle: Send + Sync {
     fn pread_lend(&self, _count: usize, _offset: u64, _sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
         None
     }
+    /// A read that never waits for a disk: `Some` once all of `buf` was
+    /// read from memory (the file plugin's page cache), `None` if that
+    /// would block or the layer cannot tell (the server then calls `pread`
+    /// on a thread that may block). Filters never forward it.
+    fn pread_nowait(&self, _buf: &mut [u8], _offset: u64) -> Option<Result<()>> {
+        None
+    }
     /// Zero-copy write: hands `fill` fresh storage for `[offset,
     /// offset+count)` as slices to fill (the server reads the payload
     /// straight into them) and makes it the data only if `fill` returns

@@ -63,6 +63,12 @@ impl Batch {
         }
     }
 
+    /// A request was handed to another thread (its plugin may block): no
+    /// nap after this batch, the wait is the plugin's.
+    pub fn handed_off(&mut self) {
+        self.big = true;
+    }
+
     /// The read buffer is empty and the replies have gone out: whether to
     /// nap before reading again. Starts the next batch.
     pub fn ended(&mut self) -> bool {
@@ -119,6 +125,15 @@ mod tests {
         assert!(!batch(&mut b, &[SMALL; KEEP - 1]));
         // Stopped: it takes a whole START batch again.
         assert!(!batch(&mut b, &[SMALL; KEEP]));
+        assert!(batch(&mut b, &[SMALL; START]));
+    }
+
+    #[test]
+    fn a_request_handed_off_means_no_wait() {
+        let mut b = Batch::default();
+        batch(&mut b, &[SMALL; 2]);
+        b.handed_off();
+        assert!(!batch(&mut b, &[SMALL; 8]));
         assert!(batch(&mut b, &[SMALL; START]));
     }
 

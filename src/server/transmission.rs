@@ -264,9 +264,7 @@ fn worker(conn: Arc<Conn>) {
     // Replies of requests run under the read lock, not written yet.
     let mut pending: Vec<u8> = Vec::new();
     let mut batch = nap::Batch::default();
-    if conn.inline {
-        nap::precise_sleeps();
-    }
+    nap::precise_sleeps();
     'outer: loop {
         conn.waiting.fetch_add(1, Ordering::AcqRel);
         let mut r = conn.reader.lock().unwrap_or_else(|e| e.into_inner());
@@ -278,7 +276,7 @@ fn worker(conn: Arc<Conn>) {
             }
             // A client keeping many small requests in flight: let them pile
             // up (see nap.rs).
-            if r.buffer().is_empty() && batch.ended() && conn.inline {
+            if r.buffer().is_empty() && batch.ended() {
                 std::thread::sleep(nap::NAP);
             }
             if conn.stop.load(Ordering::Acquire) {
@@ -367,7 +365,16 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
+                // A READ that can be answered without waiting for a disk
+                // (the file plugin's page cache) runs right here too; the
+                // guard does the work, as with read_held.
+                Next::Run(req, _, budget)
+                    if !conn.inline && !conn.serialize_all && req.cmd == cmd::READ && read_nowait(&conn, &req, &mut pending) =>
+                {
+                    drop(budget);
+                }
                 Next::Run(req, payload, budget) => {
+                    batch.handed_off();
                     if !flush(&conn, &mut pending) {
                         break 'outer;
                     }
@@ -515,6 +522,36 @@ fn read_held(conn: &Conn, req: &Request, pending: &mut Vec<u8>) -> bool {
     pending.truncate(start);
     let code = failed(req, &e);
     reply::no_payload(pending, conn.mode, code, req.cookie, req.offset, true);
+    true
+}
+
+/// A READ on a handle that may block, answered on this thread because the
+/// data is in memory (`Handle::pread_nowait`): no other worker wakes, and
+/// a small reply joins the held-back batch. False if the data is not in
+/// memory (nothing happened); a broken socket stops the connection.
+fn read_nowait(conn: &Conn, req: &Request, pending: &mut Vec<u8>) -> bool {
+    let n = req.count as usize;
+    let Ok(mut buf) = conn.pool.get(n) else { return false };
+    let reply = match shutdown::catch_panic("pread", || Ok(conn.handle.pread_nowait(&mut buf[..n], req.offset))) {
+        Ok(None) => {
+            conn.pool.put(buf);
+            return false;
+        }
+        Ok(Some(Ok(()))) => {
+            let mut head = Vec::with_capacity(40);
+            if read_head(&mut head, conn.mode, req, &[&buf[..n]]) {
+                Reply { head, data: buf, data_len: n }
+            } else {
+                conn.pool.put(buf);
+                Reply::head_only(head)
+            }
+        }
+        Ok(Some(Err(e))) | Err(e) => {
+            conn.pool.put(buf);
+            error_reply(req, conn.mode, failed(req, &e))
+        }
+    };
+    hold_or_send(conn, pending, reply);
     true
 }
 

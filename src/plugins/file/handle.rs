@@ -46,6 +46,8 @@ pub struct Memo {
     pub zeroout: Method,
     /// ioctl(BLKDISCARD), block devices only.
     pub blkdiscard: Method,
+    /// preadv2(RWF_NOWAIT), for reads the server runs on its own thread.
+    pub nowait: Method,
     /// Debug messages already printed once.
     trim_warned: AtomicBool,
     zero_warned: AtomicBool,
@@ -109,6 +111,7 @@ impl FileHandle {
                 Err(e) => crate::debug!("cannot get BLKROTATIONAL: {name}: {}", Error::from(e)),
             }
         }
+        let cache_none = evict.is_some();
         Ok(FileHandle {
             file: Arc::new(file),
             name,
@@ -125,6 +128,8 @@ impl FileHandle {
                 fallocate: Method::new(true),
                 zeroout: Method::new(is_block),
                 blkdiscard: Method::new(is_block),
+                // cache=none evicts after each read: not for the fast path.
+                nowait: Method::new(!cache_none),
                 trim_warned: AtomicBool::new(false),
                 zero_warned: AtomicBool::new(false),
             },
@@ -263,6 +268,23 @@ impl Handle for FileHandle {
             let _ = sys::fadvise(&self.file, offset, len, libc::POSIX_FADV_DONTNEED);
         }
         Ok(())
+    }
+
+    fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        if !self.memo.nowait.on() {
+            return None;
+        }
+        match sys::pread_nowait(&self.file, buf, offset) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            // Not supported here (old kernel, some file systems): never
+            // again on this handle. Other errors: `pread` reports them.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)) => {
+                self.memo.nowait.disable();
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {

@@ -134,6 +134,21 @@ pub fn fadvise(f: &File, offset: u64, len: u64, advice: c_int) -> io::Result<()>
     }
 }
 
+/// `preadv2(RWF_NOWAIT)`: reads all of `buf` at `offset` if it is in the
+/// page cache. `Ok(false)` if some of it is not (EAGAIN, or a short read
+/// that the caller redoes the usual way).
+pub fn pread_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+    let o = off(offset)?;
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: one iovec describing `buf`, which outlives the call.
+    let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, o, libc::RWF_NOWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EAGAIN) { Ok(false) } else { Err(e) };
+    }
+    Ok(n as usize == buf.len())
+}
+
 /// `sync_file_range(2)`.
 pub fn sync_file_range(f: &File, offset: u64, len: u64, flags: c_uint) -> io::Result<()> {
     let (o, l) = (off(offset)?, off(len)?);

@@ -350,3 +350,26 @@ fn registration_and_dump_plugin_match_nbdkit_1_44() {
     assert!(lines.iter().any(|l| l == "file_extents=yes"));
     assert_eq!(lines.len(), 8);
 }
+
+#[test]
+fn cached_reads_come_back_without_waiting_and_others_say_so() {
+    let d = TempDir::new();
+    let path = d.file("disk", MIB, 0);
+    let h = serve(&path).open(false, "", false).unwrap();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+    // Just written: in the page cache.
+    h.pwrite(&data, 12288, Flags::NONE).unwrap();
+    let mut buf = vec![0x55; data.len()];
+    assert!(matches!(h.pread_nowait(&mut buf, 12288), Some(Ok(()))));
+    assert_eq!(buf, data);
+    // Past the end of the file: a short read, left to `pread` (which
+    // reports it).
+    let mut buf = vec![0; 8192];
+    assert!(h.pread_nowait(&mut buf, MIB - 4096).is_none());
+    // cache=none evicts what it reads: never the fast path.
+    let p = configured(&[("file", path.to_str().unwrap()), ("cache", "none")]).unwrap();
+    let h = p.open(false, "", false).unwrap();
+    let mut buf = vec![0; 4096];
+    assert!(h.pread_nowait(&mut buf, 12288).is_none());
+    assert_eq!(read(&*h, 12288, 4096), data[..4096]);
+}
