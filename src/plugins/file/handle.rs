@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use super::evict::Windows;
@@ -33,6 +33,34 @@ impl Method {
     }
 }
 
+/// How often a read that must not wait is worth trying: after a miss the
+/// next 1, 3, 7 … 63 reads skip it, so a cold cache (where each try is a
+/// wasted system call) costs next to nothing; a hit makes every read try
+/// again. (Relaxed and racy between a connection's workers: only a hint.)
+#[derive(Debug, Default)]
+struct Backoff {
+    skip: AtomicU32,
+    after_miss: AtomicU32,
+}
+
+impl Backoff {
+    fn try_now(&self) -> bool {
+        let skip = self.skip.load(Ordering::Relaxed);
+        if skip > 0 {
+            self.skip.store(skip - 1, Ordering::Relaxed);
+        }
+        skip == 0
+    }
+    fn hit(&self) {
+        self.after_miss.store(0, Ordering::Relaxed);
+    }
+    fn missed(&self) {
+        let n = (self.after_miss.load(Ordering::Relaxed) * 2 + 1).min(63);
+        self.after_miss.store(n, Ordering::Relaxed);
+        self.skip.store(n, Ordering::Relaxed);
+    }
+}
+
 /// Which zero/trim methods are still worth trying on this handle.
 #[derive(Debug)]
 pub struct Memo {
@@ -48,6 +76,7 @@ pub struct Memo {
     pub blkdiscard: Method,
     /// preadv2(RWF_NOWAIT), for reads the server runs on its own thread.
     pub nowait: Method,
+    nowait_backoff: Backoff,
     /// Debug messages already printed once.
     trim_warned: AtomicBool,
     zero_warned: AtomicBool,
@@ -130,6 +159,7 @@ impl FileHandle {
                 blkdiscard: Method::new(is_block),
                 // cache=none evicts after each read: not for the fast path.
                 nowait: Method::new(!cache_none),
+                nowait_backoff: Backoff::default(),
                 trim_warned: AtomicBool::new(false),
                 zero_warned: AtomicBool::new(false),
             },
@@ -271,12 +301,18 @@ impl Handle for FileHandle {
     }
 
     fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
-        if !self.memo.nowait.on() {
+        if !self.memo.nowait.on() || !self.memo.nowait_backoff.try_now() {
             return None;
         }
         match sys::pread_nowait(&self.file, buf, offset) {
-            Ok(true) => Some(Ok(())),
-            Ok(false) => None,
+            Ok(true) => {
+                self.memo.nowait_backoff.hit();
+                Some(Ok(()))
+            }
+            Ok(false) => {
+                self.memo.nowait_backoff.missed();
+                None
+            }
             // Not supported here (old kernel, some file systems): never
             // again on this handle. Other errors: `pread` reports them.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)) => {
@@ -382,5 +418,35 @@ impl Handle for FileHandle {
     fn cache(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
         sys::fadvise(&self.file, offset, count, libc::POSIX_FADV_WILLNEED)
             .map_err(|e| Error::os(self.at("posix_fadvise", offset, count), e))
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::Backoff;
+
+    /// How many of the next `n` reads try.
+    fn tries(b: &Backoff, n: usize) -> usize {
+        (0..n).filter(|_| b.try_now()).count()
+    }
+
+    #[test]
+    fn misses_space_the_tries_out_and_a_hit_ends_that() {
+        let b = Backoff::default();
+        assert_eq!(tries(&b, 10), 10);
+        b.missed(); // skip 1
+        assert!(!b.try_now());
+        assert!(b.try_now());
+        b.missed(); // skip 3
+        assert_eq!(tries(&b, 4), 1);
+        for _ in 0..10 {
+            b.missed();
+        }
+        // Capped: one try in 64 reads.
+        assert_eq!(tries(&b, 64), 1);
+        b.missed();
+        b.hit();
+        assert_eq!(tries(&b, 63), 0); // the skips already set still run out
+        assert_eq!(tries(&b, 10), 10);
     }
 }
