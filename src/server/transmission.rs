@@ -45,6 +45,9 @@ impl Reply {
     }
 }
 
+/// The biggest buffer a pool keeps.
+const POOL_MAX: usize = 4 << 20;
+
 /// Data buffers a connection reuses, so a request costs no allocation
 /// and no clearing of memory that the plugin overwrites anyway.
 #[derive(Default)]
@@ -70,7 +73,7 @@ impl Pool {
     /// Gives a buffer back.
     fn put(&self, v: Vec<u8>) {
         // Big buffers are freed at once: idle connections keep little.
-        if v.capacity() == 0 || v.capacity() > 4 << 20 {
+        if v.capacity() == 0 || v.capacity() > POOL_MAX {
             return;
         }
         let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -369,7 +372,11 @@ fn worker(conn: Arc<Conn>) {
                 // (the file plugin's page cache) runs right here too; the
                 // guard does the work, as with read_held.
                 Next::Run(req, _, budget)
-                    if !conn.inline && !conn.serialize_all && req.cmd == cmd::READ && read_nowait(&conn, &req, &mut pending) =>
+                    if !conn.inline
+                        && !conn.serialize_all
+                        && req.cmd == cmd::READ
+                        && req.count <= NOWAIT_MAX
+                        && read_nowait(&conn, &req, &mut pending) =>
                 {
                     drop(budget);
                 }
@@ -524,6 +531,10 @@ fn read_held(conn: &Conn, req: &Request, pending: &mut Vec<u8>) -> bool {
     reply::no_payload(pending, conn.mode, code, req.cookie, req.offset, true);
     true
 }
+
+/// The biggest READ tried with [`read_nowait`]: its buffer stays in the
+/// pool, so a miss costs no allocation (bigger ones are all copying anyway).
+const NOWAIT_MAX: u64 = POOL_MAX as u64;
 
 /// A READ on a handle that may block, answered on this thread because the
 /// data is in memory (`Handle::pread_nowait`): no other worker wakes, and
