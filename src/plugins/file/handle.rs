@@ -61,7 +61,8 @@ impl Backoff {
     }
 }
 
-/// Which zero/trim methods are still worth trying on this handle.
+/// Which zero/trim methods (and no-wait reads) are still worth trying on
+/// this handle.
 #[derive(Debug)]
 pub struct Memo {
     /// fallocate(PUNCH_HOLE | KEEP_SIZE).
@@ -75,7 +76,7 @@ pub struct Memo {
     /// ioctl(BLKDISCARD), block devices only.
     pub blkdiscard: Method,
     /// preadv2(RWF_NOWAIT), for reads the server runs on its own thread.
-    pub nowait: Method,
+    nowait: Method,
     nowait_backoff: Backoff,
     /// Debug messages already printed once.
     trim_warned: AtomicBool,
