@@ -110,6 +110,59 @@ fn map_chunk() -> Result<usize> {
     Ok(p as usize)
 }
 
+/// Copies written data into a page without pulling the page's old bytes
+/// into the cache first.
+///
+/// A WRITE lands on a page that is, on a disk bigger than the cache,
+/// almost never cached: a plain copy first reads every line it is about to
+/// overwrite (perf, 4 KiB random writes on a 1 GiB disk: `memcpy` 20 % of
+/// the server's CPU). Non-temporal stores write whole lines straight to
+/// memory. Measured (A/B, 5 runs each): 64 KiB random writes 2,870 →
+/// 3,141 MiB/s and 0.333 → 0.293 CPU-s/GiB; 4 KiB writes unchanged (the
+/// fence waits for the stores to reach memory, which is what the plain
+/// copy spent reading). Used from 4 KiB up; shorter copies, and other
+/// architectures, copy as usual.
+pub fn copy_in(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy_in: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if src.len() >= STREAM_MIN {
+        // Up to the first 64-byte boundary of `dst` (a cache line), as usual.
+        let head = dst.as_ptr().align_offset(64).min(dst.len());
+        dst[..head].copy_from_slice(&src[..head]);
+        let lines = (dst.len() - head) / 64;
+        let body = head + lines * 64;
+        stream_lines(&mut dst[head..body], &src[head..body]);
+        dst[body..].copy_from_slice(&src[body..]);
+        return;
+    }
+    dst.copy_from_slice(src);
+}
+
+#[cfg(target_arch = "x86_64")]
+const STREAM_MIN: usize = 4096;
+
+/// `dst` is 64-byte aligned, both are a whole number of 64-byte lines.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn stream_lines(dst: &mut [u8], src: &[u8]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    debug_assert!(dst.len() == src.len() && dst.len().is_multiple_of(64) && (dst.as_ptr() as usize).is_multiple_of(64));
+    let n = dst.len().min(src.len()) / 16;
+    let d = dst.as_mut_ptr().cast::<__m128i>();
+    let s = src.as_ptr().cast::<__m128i>();
+    // SAFETY: SSE2 is part of x86_64. `i < n` keeps both pointers inside
+    // their slices (16 bytes each); `dst` is 16-byte aligned as
+    // _mm_stream_si128 requires, `src` is read unaligned. The fence orders
+    // the streaming stores before any later store (the page's unlock), as
+    // ordinary stores would be.
+    unsafe {
+        for i in 0..n {
+            _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i)));
+        }
+        _mm_sfence();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +179,17 @@ mod tests {
             p.fill(i as u8);
         }
         assert!(a.iter().enumerate().all(|(i, p)| p.iter().all(|&b| b == i as u8)));
+    }
+
+    #[test]
+    fn copy_in_copies_every_byte_whatever_the_alignment() {
+        let src: Vec<u8> = (0..20_003u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut page = one().unwrap();
+        for &(off, len) in &[(0, 0), (0, 4096), (1, 4096), (63, 4097), (64, 8192), (100, 15_000), (5, 4095), (0, 20_000)] {
+            page.fill(0xa5);
+            copy_in(&mut page[off..off + len], &src[3..3 + len]);
+            assert_eq!(&page[off..off + len], &src[3..3 + len], "{off} {len}");
+            assert!(page[..off].iter().chain(&page[off + len..]).all(|&b| b == 0xa5), "{off} {len}: outside");
+        }
     }
 }

@@ -150,7 +150,7 @@ impl Sparse {
             let mut guard = write(self.slot_or_create(index)?);
             match &mut *guard {
                 Some(page) => match piece {
-                    Src::Bytes(b) => page[off..off + n].copy_from_slice(b),
+                    Src::Bytes(b) => pages::copy_in(&mut page[off..off + n], b),
                     Src::Byte(c) => page[off..off + n].fill(c),
                 },
                 empty => *empty = Some(new_page(off, n, piece)?),
@@ -226,7 +226,7 @@ fn new_page(off: usize, n: usize, src: Src<'_>) -> Result<Page> {
     let mut page = pages::one()?;
     page[..off].fill(0);
     match src {
-        Src::Bytes(b) => page[off..off + n].copy_from_slice(b),
+        Src::Bytes(b) => pages::copy_in(&mut page[off..off + n], b),
         Src::Byte(c) => page[off..off + n].fill(c),
     }
     page[off + n..].fill(0);
