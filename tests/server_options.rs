@@ -399,6 +399,51 @@ fn tcp_port_and_ipaddr_with_nbdinfo_and_qemu_img() {
     }
 }
 
+/// Over TCP a big WRITE's payload is read with the socket's low mark set
+/// to its size (transmission.rs, `read_into`). The payload here comes in
+/// two parts, the first exactly as big as the kernel lets that mark be
+/// (half the biggest receive buffer), then a pause, then the last 60 KiB
+/// and nothing more until the reply: each read after the first must ask
+/// for no more than what is left, or it waits for bytes the client never
+/// sends. For the memory plugin (payload read straight into its pages)
+/// and the file plugin (payload read into a buffer).
+#[test]
+fn big_write_payloads_over_tcp_that_arrive_in_parts() {
+    let rmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem").unwrap();
+    let rmem_max: usize = rmem.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let tail = 60 * 1024;
+    let first = (rmem_max / 2).min(64 * M as usize - tail);
+    let n = first + tail;
+    let dir = TempDir::new("lowat");
+    let disk = dir.path("disk");
+    std::fs::File::create(&disk).unwrap().set_len(64 * M).unwrap();
+    for plugin in [vec!["memory", "64M"], vec!["file", s(&disk)]] {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut c = nbdkit(&["-f", "-i", "127.0.0.1", "-p", &port.to_string()]);
+        c.args(&plugin);
+        let mut g = Guard::spawn(c);
+        wait_tcp(&mut g, addr);
+        let mut t = TcpStream::connect(addr).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        t.set_nodelay(true).unwrap();
+        go(&mut t, false);
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8 ^ (i >> 16) as u8).collect();
+        send_request(&mut t, 0, 1, 7, 4096, n as u32, &data[..first]);
+        std::thread::sleep(Duration::from_millis(300));
+        t.write_all(&data[first..]).unwrap();
+        assert_eq!(read_simple_reply(&mut t), (0, 7), "{plugin:?}: the WRITE of {n} bytes");
+        // Then a small one right behind a big one, read back.
+        send_request(&mut t, 0, 1, 8, 0, 4096, &data[..4096]);
+        assert_eq!(read_simple_reply(&mut t), (0, 8), "{plugin:?}");
+        send_request(&mut t, 0, 0, 9, 0, (n + 4096) as u32, &[]);
+        assert_eq!(read_simple_reply(&mut t), (0, 9), "{plugin:?}");
+        let back = read_n(&mut t, n + 4096);
+        assert!(back[..4096] == data[..4096] && back[4096..] == data[..], "{plugin:?}: the data read back differs");
+        assert!(g.alive());
+    }
+}
+
 #[test]
 fn tcp_print_uri_is_localhost_with_the_port() {
     let port = free_port();

@@ -180,6 +180,7 @@ struct Conn {
     /// Big READs are sent straight from the plugin's storage (the socket
     /// has a send timeout that bounds how long it is lent).
     lend: bool,
+    tcp: bool,
     ctx: Arc<str>,
     name: String,
     /// Dropped with the last worker: wakes the connection's task.
@@ -223,6 +224,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         serialize_all: shared.model <= ThreadModel::SerializeAllRequests,
         inline,
         lend,
+        tcp: is_tcp(read_fd),
         name: ctx.to_string(),
         ctx,
         _done: done_tx,
@@ -488,6 +490,30 @@ fn widen_unix_send_buffer(fd: RawFd) {
     }
 }
 
+/// Whether `fd` is a TCP socket (IPv4 or IPv6).
+#[allow(unsafe_code)]
+fn is_tcp(fd: RawFd) -> bool {
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `domain`.
+    let r = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut libc::c_int).cast(), &mut len)
+    };
+    r == 0 && (domain == libc::AF_INET || domain == libc::AF_INET6)
+}
+
+/// Sets SO_RCVLOWAT (the kernel caps it at half the biggest receive
+/// buffer); false if it could not.
+#[allow(unsafe_code)]
+fn set_rcvlowat(fd: RawFd, n: usize) -> bool {
+    let v = n.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt reads the int given.
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&v as *const libc::c_int).cast(),
+                         std::mem::size_of::<libc::c_int>() as libc::socklen_t) == 0
+    }
+}
+
 /// Sets SO_SNDTIMEO; fails on anything but a socket (`-s` on pipes).
 #[allow(unsafe_code)]
 fn set_send_timeout(fd: RawFd, t: Duration) -> std::io::Result<()> {
@@ -657,7 +683,7 @@ fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<R
     let mut arrived = None;
     let result = {
         let mut fill = |bufs: &mut [&mut [u8]]| {
-            let ok = read_into(r, bufs);
+            let ok = read_into(conn, r, bufs);
             arrived = Some(ok);
             ok
         };
@@ -675,7 +701,9 @@ fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<R
                     return Some(error_reply(req, conn.mode, failed(req, &e)));
                 }
             };
-            r.read_exact(&mut payload[..n]).ok()?;
+            if !read_into(conn, r, &mut [&mut payload[..n]]) {
+                return None;
+            }
             let reply = execute(&*conn.handle, req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
             conn.pool.put(payload);
             return Some(reply);
@@ -698,10 +726,13 @@ fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<R
 
 /// Fills `bufs` from the connection: what is buffered first, then straight
 /// from the socket. False on EOF or a broken socket.
-fn read_into(r: &mut BufReader<File>, bufs: &mut [&mut [u8]]) -> bool {
+fn read_into(conn: &Conn, r: &mut BufReader<File>, bufs: &mut [&mut [u8]]) -> bool {
     let mut iov: Vec<std::io::IoSliceMut<'_>> = bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
     let mut left = &mut iov[..];
     while !left.is_empty() {
+        if conn.tcp && r.buffer().is_empty() && left.iter().map(|b| b.len()).sum::<usize>() > LOWAT_MIN {
+            return read_waiting(conn.read_fd, left);
+        }
         match r.read_vectored(left) {
             Ok(0) => return false,
             Ok(k) => std::io::IoSliceMut::advance_slices(&mut left, k),
@@ -711,6 +742,70 @@ fn read_into(r: &mut BufReader<File>, bufs: &mut [&mut [u8]]) -> bool {
     }
     true
 }
+
+/// Reads the rest of a big payload from a TCP socket, woken once it is
+/// all there rather than for every segment.
+///
+/// The socket's low mark (`SO_RCVLOWAT`) is set to what is left, `poll`
+/// waits for that much (or the end of the connection, or the kernel
+/// running short of buffer), and a non-blocking read takes it. Not a
+/// blocking read with the mark set: a read that has copied part of the
+/// payload and then sleeps is only woken when the mark's worth of *new*
+/// bytes has come, which the rest may never reach (measured: it hangs).
+/// 1 MiB writes over TCP: per request 1 `poll` and 1 read instead of 4.8
+/// reads, 0.95 context switches instead of 1.84, and 0.240 → 0.211 server
+/// CPU-s/GiB (A/B, 5 runs each; the client, at 100 %, sets the
+/// throughput: 3,162 vs 3,153 MiB/s). Not for Unix sockets: they wake the
+/// reader for every message whatever the mark.
+#[allow(unsafe_code)]
+fn read_waiting(fd: RawFd, mut left: &mut [std::io::IoSliceMut<'_>]) -> bool {
+    let mut ok = true;
+    while !left.is_empty() {
+        let want: usize = left.iter().map(|b| b.len()).sum();
+        set_rcvlowat(fd, want);
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            ok = false;
+            break;
+        }
+        let n = left.len().min(IOV_MAX);
+        // SAFETY: IoSliceMut is ABI compatible with iovec on Unix; the
+        // first `n` entries of `left` describe writable buffers that
+        // outlive the call; the msghdr names no address or control data.
+        let got = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = left.as_mut_ptr().cast();
+            msg.msg_iovlen = n as _;
+            libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT)
+        };
+        match got {
+            0 => {
+                ok = false;
+                break;
+            }
+            k if k > 0 => std::io::IoSliceMut::advance_slices(&mut left, k as usize),
+            _ => match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => {}
+                _ => {
+                    ok = false;
+                    break;
+                }
+            },
+        }
+    }
+    set_rcvlowat(fd, 1);
+    ok
+}
+
+/// Most buffers one `recvmsg` takes (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// Payloads up to this size are read as they come.
+const LOWAT_MIN: usize = 64 * 1024;
 
 /// Writes the held-back replies; false if the socket is broken.
 fn flush(conn: &Conn, pending: &mut Vec<u8>) -> bool {
@@ -800,7 +895,7 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
             Ok(p) => p,
             Err(_) => return refuse(r, errno::ENOMEM),
         };
-        if r.read_exact(&mut payload[..plen as usize]).is_err() {
+        if !read_into(conn, r, &mut [&mut payload[..plen as usize]]) {
             return Next::Stop { hung_up: true }; // a half-sent write never reaches the plugin
         }
     }

@@ -199,7 +199,7 @@ pub fn python_ok(script: &str) -> String {
 }
 
 /// Reads exactly `n` bytes or panics.
-pub fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
+pub fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
     let mut v = vec![0; n];
     s.read_exact(&mut v).expect("read");
     v
@@ -221,14 +221,14 @@ pub fn closed(s: &mut UnixStream) -> bool {
 
 /// Fixed-newstyle handshake up to the option phase: reads the greeting,
 /// sends client flags 3 (fixed newstyle, no zeroes).
-pub fn newstyle(s: &mut UnixStream) {
+pub fn newstyle(s: &mut (impl Read + Write)) {
     let g = read_n(s, 18);
     assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
     s.write_all(&3u32.to_be_bytes()).unwrap();
 }
 
 /// Sends an option.
-pub fn send_option(s: &mut UnixStream, option: u32, payload: &[u8]) {
+pub fn send_option(s: &mut impl Write, option: u32, payload: &[u8]) {
     let mut v = b"IHAVEOPT".to_vec();
     v.extend_from_slice(&option.to_be_bytes());
     v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -237,7 +237,7 @@ pub fn send_option(s: &mut UnixStream, option: u32, payload: &[u8]) {
 }
 
 /// Reads one option reply: (option, type, payload).
-pub fn read_option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+pub fn read_option_reply(s: &mut impl Read) -> (u32, u32, Vec<u8>) {
     let h = read_n(s, 20);
     assert_eq!(&h[..8], &0x0003_e889_0455_65a9u64.to_be_bytes());
     let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
@@ -256,7 +256,7 @@ pub fn go_payload(name: &[u8]) -> Vec<u8> {
 
 /// Negotiates with GO "" (optionally structured replies first), reading
 /// replies up to the ACK; returns (size, eflags).
-pub fn go(s: &mut UnixStream, structured: bool) -> (u64, u16) {
+pub fn go(s: &mut (impl Read + Write), structured: bool) -> (u64, u16) {
     newstyle(s);
     if structured {
         send_option(s, 8, b"");
@@ -278,7 +278,7 @@ pub fn go(s: &mut UnixStream, structured: bool) -> (u64, u16) {
 }
 
 /// Sends a compact request header (+ payload).
-pub fn send_request(s: &mut UnixStream, flags: u16, cmd: u16, cookie: u64, offset: u64, count: u32, payload: &[u8]) {
+pub fn send_request(s: &mut impl Write, flags: u16, cmd: u16, cookie: u64, offset: u64, count: u32, payload: &[u8]) {
     let mut v = 0x2560_9513u32.to_be_bytes().to_vec();
     v.extend_from_slice(&flags.to_be_bytes());
     v.extend_from_slice(&cmd.to_be_bytes());
@@ -290,14 +290,14 @@ pub fn send_request(s: &mut UnixStream, flags: u16, cmd: u16, cookie: u64, offse
 }
 
 /// Reads a simple reply: (error, cookie).
-pub fn read_simple_reply(s: &mut UnixStream) -> (u32, u64) {
+pub fn read_simple_reply(s: &mut impl Read) -> (u32, u64) {
     let h = read_n(s, 16);
     assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "not a simple reply");
     (u32::from_be_bytes(h[4..8].try_into().unwrap()), u64::from_be_bytes(h[8..16].try_into().unwrap()))
 }
 
 /// Reads one structured chunk: (flags, type, cookie, payload).
-pub fn read_chunk(s: &mut UnixStream) -> (u16, u16, u64, Vec<u8>) {
+pub fn read_chunk(s: &mut impl Read) -> (u16, u16, u64, Vec<u8>) {
     let h = read_n(s, 20);
     assert_eq!(&h[..4], &0x668e_33efu32.to_be_bytes(), "not a structured reply");
     let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
