@@ -180,6 +180,8 @@ struct Conn {
     /// Big READs are sent straight from the plugin's storage (the socket
     /// has a send timeout that bounds how long it is lent).
     lend: bool,
+    /// A TCP connection: big payloads are read once they have all come
+    /// (`read_waiting`).
     tcp: bool,
     ctx: Arc<str>,
     name: String,
@@ -224,7 +226,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         serialize_all: shared.model <= ThreadModel::SerializeAllRequests,
         inline,
         lend,
-        tcp: is_tcp(read_fd),
+        tcp: matches!(socket_domain(read_fd), Some(libc::AF_INET | libc::AF_INET6)),
         name: ctx.to_string(),
         ctx,
         _done: done_tx,
@@ -476,30 +478,26 @@ const UNIX_SNDBUF: libc::c_int = 1 << 20;
 /// TCP sockets keep the kernel's autotuning. Best effort.
 #[allow(unsafe_code)]
 fn widen_unix_send_buffer(fd: RawFd) {
-    let mut domain: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `domain`;
-    // setsockopt reads the int given. Failures (not a socket) are ignored.
-    unsafe {
-        if libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut libc::c_int).cast(), &mut len) == 0
-            && domain == libc::AF_UNIX
-        {
+    if socket_domain(fd) == Some(libc::AF_UNIX) {
+        // SAFETY: setsockopt reads the int given. A failure is ignored.
+        unsafe {
             libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, (&UNIX_SNDBUF as *const libc::c_int).cast(),
                              std::mem::size_of::<libc::c_int>() as libc::socklen_t);
         }
     }
 }
 
-/// Whether `fd` is a TCP socket (IPv4 or IPv6).
+/// The address family of socket `fd` (`AF_UNIX`, `AF_INET`…); None if it
+/// is not a socket (`-s` on pipes).
 #[allow(unsafe_code)]
-fn is_tcp(fd: RawFd) -> bool {
+fn socket_domain(fd: RawFd) -> Option<libc::c_int> {
     let mut domain: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `domain`.
     let r = unsafe {
         libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut libc::c_int).cast(), &mut len)
     };
-    r == 0 && (domain == libc::AF_INET || domain == libc::AF_INET6)
+    (r == 0).then_some(domain)
 }
 
 /// Sets SO_RCVLOWAT (the kernel caps it at half the biggest receive
