@@ -283,8 +283,10 @@ fn worker(conn: Arc<Conn>) {
             }
             // A client keeping many small requests in flight: let them pile
             // up (see nap.rs).
-            if r.buffer().is_empty() && batch.ended() {
-                std::thread::sleep(nap::NAP);
+            if r.buffer().is_empty() {
+                if let Some(t) = batch.ended() {
+                    std::thread::sleep(t);
+                }
             }
             if conn.stop.load(Ordering::Acquire) {
                 break 'outer;
