@@ -426,6 +426,90 @@ assert h.pread(512, 4096) == b"w" * 512
 }
 
 #[test]
+fn a_file_client_going_from_one_request_at_a_time_to_many_and_back_gets_every_reply_right() {
+    require!("/usr/bin/python3", "-c", "import nbd");
+    let dir = TempDir::new("libnbd");
+    let img = dir.path("disk.img");
+    run_ok("sh", &["-c", &format!("head -c 1M /dev/urandom > '{}'", s(&img))]);
+    let srv = Server::start(&["file", s(&img)]);
+    // One request at a time for long enough that the server runs them on
+    // the thread that read them (solo.rs), then 64 at once, three times.
+    py(
+        &srv,
+        &format!(
+            r#"
+import random
+IMG = {:?}
+disk = bytearray(open(IMG, "rb").read())
+rnd = random.Random(7)
+for phase in range(3):
+    for i in range(60):
+        off = rnd.randrange(0, len(disk) - 8192)
+        if i % 10 == 9:
+            h.zero(4096, off)
+            disk[off:off + 4096] = bytes(4096)
+        else:
+            data = os.urandom(rnd.randrange(1, 8192))
+            h.pwrite(data, off)
+            disk[off:off + len(data)] = data
+        if i % 15 == 14:
+            assert extents(65536, 0)
+            assert h.pread(8192, off) == disk[off:off + 8192], (phase, i)
+    cookies = []
+    for i in range(64):
+        off = i * 16384 + phase * 512
+        data = os.urandom(4096)
+        cookies.append(h.aio_pwrite(data, off))
+        disk[off:off + 4096] = data
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for c in cookies:
+        assert h.aio_command_completed(c)
+    assert h.pread(len(disk), 0) == disk, phase
+h.flush()
+assert open(IMG, "rb").read() == disk
+"#,
+            s(&img)
+        ),
+    );
+}
+
+#[test]
+fn a_delayed_read_after_many_lone_writes_is_still_overtaken() {
+    require!("/usr/bin/python3", "-c", "import nbd");
+    let dir = TempDir::new("libnbd");
+    let img = dir.path("disk.img");
+    File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    // Writes one at a time make the server run requests on the thread that
+    // read them (solo.rs); a READ that has to wait must still not hold up
+    // the write and flush sent after it.
+    let srv = Server::start(&["--filter=delay", "file", s(&img), "rdelay=1s"]);
+    py(
+        &srv,
+        r#"
+for i in range(40):
+    h.pwrite(bytes([i]) * 512, i * 4096)
+order = []
+def done(name):
+    def cb(err):
+        assert err.value == 0, (name, err)
+        order.append(name)
+        return 1
+    return cb
+buf = nbd.Buffer(512)
+h.aio_pread(buf, 4096, done("read"))
+time.sleep(0.2)  # the READ arrives alone
+h.aio_pwrite(b"w" * 512, 40 * 4096, done("write"))
+h.aio_flush(done("flush"))
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+assert order[-1] == "read", "replies came in request order: %s" % order
+assert buf.to_bytearray() == bytes([1]) * 512
+"#,
+    );
+}
+
+#[test]
 fn multi_conn_writes_on_one_connection_are_seen_by_another() {
     require!("/usr/bin/python3", "-c", "import nbd");
     let srv = Server::start(&["memory", "1M"]);

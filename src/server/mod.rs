@@ -4,6 +4,7 @@
 pub mod connection;
 pub mod listen;
 mod nap;
+mod solo;
 pub mod process;
 pub mod transmission;
 pub mod uri;

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{nap, Shared};
+use super::{nap, solo, Shared};
 use crate::backend::{Extents, Flags, Handle, ThreadModel};
 use crate::error::{Error, ErrorKind};
 use crate::proto::reply::{self, Mode};
@@ -183,6 +183,8 @@ struct Conn {
     /// A TCP connection: big payloads are read once they have all come
     /// (`read_waiting`).
     tcp: bool,
+    /// When a request on a handle that may block runs without a hand-off.
+    solo: solo::Solo,
     ctx: Arc<str>,
     name: String,
     /// Dropped with the last worker: wakes the connection's task.
@@ -227,6 +229,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         inline,
         lend,
         tcp: matches!(socket_domain(read_fd), Some(libc::AF_INET | libc::AF_INET6)),
+        solo: solo::Solo::default(),
         name: ctx.to_string(),
         ctx,
         _done: done_tx,
@@ -386,6 +389,24 @@ fn worker(conn: Arc<Conn>) {
                 {
                     drop(budget);
                 }
+                // A client that waits for each reply: the request runs
+                // right here, keeping the read lock (see solo.rs).
+                Next::Run(req, payload, budget) if conn.solo(&r, &pending, &req) => {
+                    let t = Instant::now();
+                    let reply = shutdown::with_connection(&conn.gone, || {
+                        execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
+                    });
+                    conn.pool.put(payload);
+                    // Before the reply goes: once it has, the next request
+                    // may come at once.
+                    conn.solo.ran_here(t.elapsed(), readable(conn.read_fd));
+                    let sent = send(&conn, reply);
+                    drop(budget);
+                    if sent.is_err() {
+                        broken(&conn);
+                        break 'outer;
+                    }
+                }
                 Next::Run(req, payload, budget) => {
                     batch.handed_off();
                     if !flush(&conn, &mut pending) {
@@ -398,10 +419,12 @@ fn worker(conn: Arc<Conn>) {
                         spawn_worker(&conn);
                     }
                     drop(r);
+                    let t = Instant::now();
                     let reply = shutdown::with_connection(&conn.gone, || {
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
                     });
                     conn.pool.put(payload);
+                    conn.solo.ran_apart(t.elapsed());
                     let sent = send(&conn, reply);
                     drop(budget);
                     if sent.is_err() {
@@ -415,6 +438,24 @@ fn worker(conn: Arc<Conn>) {
     }
     flush(&conn, &mut pending);
     conn.workers.fetch_sub(1, Ordering::AcqRel);
+}
+
+impl Conn {
+    /// Whether the request just read, on a handle that may block, runs on
+    /// this thread, keeping the read lock (see solo.rs).
+    fn solo(&self, r: &BufReader<File>, pending: &[u8], req: &Request) -> bool {
+        let others = self.workers.load(Ordering::Acquire).saturating_sub(self.waiting.load(Ordering::Acquire) + 1);
+        let alone = others == 0 && pending.is_empty() && r.buffer().is_empty() && self.max_workers > 1;
+        self.solo.turn(alone, solo::quick(req))
+    }
+}
+
+/// Whether `fd` has bytes to read now (or is at EOF or broken).
+#[allow(unsafe_code)]
+fn readable(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll reads and writes the one pollfd given; timeout 0.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
 }
 
 /// Requests on a handle that never blocks run on the thread holding the
