@@ -432,8 +432,9 @@ fn a_file_client_going_from_one_request_at_a_time_to_many_and_back_gets_every_re
     let img = dir.path("disk.img");
     run_ok("sh", &["-c", &format!("head -c 1M /dev/urandom > '{}'", s(&img))]);
     let srv = Server::start(&["file", s(&img)]);
-    // One request at a time for long enough that the server runs them on
-    // the thread that read them (solo.rs), then 64 at once, three times.
+    // The file plugin's writes, trims and zeroes run on the thread that
+    // read them while they stay quick (server/brief.rs): one at a time,
+    // then 64 at once, three times; every reply must carry its own data.
     py(
         &srv,
         &format!(
@@ -480,9 +481,8 @@ fn a_delayed_read_after_many_lone_writes_is_still_overtaken() {
     let dir = TempDir::new("libnbd");
     let img = dir.path("disk.img");
     File::create(&img).unwrap().set_len(1 << 20).unwrap();
-    // Writes one at a time make the server run requests on the thread that
-    // read them (solo.rs); a READ that has to wait must still not hold up
-    // the write and flush sent after it.
+    // After many quick writes, a READ that has to wait must still not hold
+    // up the write and flush sent after it (server/brief.rs).
     let srv = Server::start(&["--filter=delay", "file", s(&img), "rdelay=1s"]);
     py(
         &srv,

@@ -136,6 +136,10 @@ impl Handle for Checked {
         self.blocks
     }
 
+    fn brief(&self) -> bool {
+        self.inner.brief()
+    }
+
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         trace!(self, "pread count={} offset={}", buf.len(), offset);
         self.range(buf.len() as u64, offset, ErrorKind::Invalid)?;

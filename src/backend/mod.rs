@@ -198,6 +198,15 @@ pub trait Handle: Send + Sync {
     fn blocks(&self) -> bool {
         true
     }
+    /// True if, as a rule, a call that blocks does so briefly and without
+    /// waiting for a disk: a WRITE, TRIM or ZERO without FUA lands in a
+    /// page cache, as with the file plugin (unless cache=none). The server
+    /// may then run such calls on its own thread while they stay quick
+    /// (server/brief.rs). False by default; a layer that sleeps on purpose
+    /// or waits for a network says false.
+    fn brief(&self) -> bool {
+        false
+    }
     /// Read exactly `buf.len()` bytes at `offset`.
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()>;
     /// Zero-copy read: lends `[offset, offset+count)` to `sink` as slices
@@ -378,6 +387,10 @@ pub trait FilterHandle: Send + Sync {
     fn blocks(&self) -> bool {
         self.next().blocks()
     }
+    /// See [`Handle::brief`].
+    fn brief(&self) -> bool {
+        self.next().brief()
+    }
     /// pread.
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         self.next().pread(buf, offset, flags)
@@ -423,6 +436,9 @@ impl<T: FilterHandle> Handle for T {
     }
     fn blocks(&self) -> bool {
         FilterHandle::blocks(self)
+    }
+    fn brief(&self) -> bool {
+        FilterHandle::brief(self)
     }
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         FilterHandle::pread(self, buf, offset, flags)

@@ -100,6 +100,9 @@ impl FilterHandle for DelayHandle {
     fn blocks(&self) -> bool {
         self.delays.any() || self.next.blocks()
     }
+    fn brief(&self) -> bool {
+        !self.delays.any() && self.next.brief()
+    }
     fn caps(&self) -> Result<Caps> {
         let caps = self.next.caps()?;
         if self.delays.refuse_fast_zero() {
@@ -215,7 +218,7 @@ mod tests {
     fn reads_are_delayed_by_at_least_the_configured_time() {
         let next = MemNext::new(4096);
         let h = configured(&[("rdelay", "50ms")]).open(&next, false, "", false).unwrap();
-        assert!(h.blocks());
+        assert!(h.blocks() && !h.brief(), "a delay is never brief");
         let mut buf = [0; 512];
         let t = Instant::now();
         h.pread(&mut buf, 0, Flags::NONE).unwrap();
@@ -230,7 +233,7 @@ mod tests {
     fn without_delays_the_handle_does_not_block() {
         let next = MemNext::new(512);
         let h = Delays::default().open(&next, false, "", false).unwrap();
-        assert!(!h.blocks());
+        assert!(!h.blocks() && h.brief());
     }
 
     #[test]

@@ -103,6 +103,10 @@ impl Handle for MemHandle {
     fn blocks(&self) -> bool {
         false
     }
+    /// (As if it were a page cache.)
+    fn brief(&self) -> bool {
+        true
+    }
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         self.with("pread", buf.len() as u64, offset, |d| buf.copy_from_slice(d))
     }

@@ -4,7 +4,7 @@
 pub mod connection;
 pub mod listen;
 mod nap;
-mod solo;
+mod brief;
 pub mod process;
 pub mod transmission;
 pub mod uri;

@@ -248,6 +248,12 @@ impl FileHandle {
 }
 
 impl Handle for FileHandle {
+    /// Writes land in the page cache, except with cache=none (each window
+    /// of writes waits for the one before to reach the disk).
+    fn brief(&self) -> bool {
+        self.evict.is_none()
+    }
+
     fn size(&self) -> Result<u64> {
         if !self.is_block {
             return Ok(self.st_size);

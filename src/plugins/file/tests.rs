@@ -373,3 +373,14 @@ fn cached_reads_come_back_without_waiting_and_others_say_so() {
     assert!(h.pread_nowait(&mut buf, 12288).is_none());
     assert_eq!(read(&*h, 12288, 4096), data[..4096]);
 }
+
+#[test]
+fn writes_are_brief_unless_cache_is_none() {
+    let d = TempDir::new();
+    let path = d.file("disk", MIB, 0);
+    let h = serve(&path).open(false, "", false).unwrap();
+    assert!(h.blocks() && h.brief());
+    let p = configured(&[("file", path.to_str().unwrap()), ("cache", "none")]).unwrap();
+    let h = p.open(false, "", false).unwrap();
+    assert!(h.blocks() && !h.brief());
+}
