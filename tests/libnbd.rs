@@ -31,6 +31,14 @@ h = connect()
         return 0
     h.block_status(count, offset, cb, flags)
     return got
+# Completion callbacks that note the order replies came in.
+order = []
+def done(name):
+    def cb(err):
+        assert err.value == 0, (name, err)
+        order.append(name)
+        return 1
+    return cb
 "#,
         fails = PY_FAILS
     )
@@ -43,6 +51,15 @@ fn py(srv: &Server, body: &str) -> String {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// The file plugin serving `disk.img`, 1 MiB of random bytes, in a new
+/// temporary directory.
+fn random_file_server() -> (Server, TempDir) {
+    let dir = TempDir::new("libnbd");
+    let img = dir.path("disk.img");
+    run_ok("sh", &["-c", &format!("head -c 1M /dev/urandom > '{}'", s(&img))]);
+    (Server::start(&["file", s(&img)]), dir)
 }
 
 #[test]
@@ -354,10 +371,8 @@ print(h.pread(8, 12345).decode())
 #[test]
 fn sixteen_parallel_aio_preads_and_writes_on_the_file_plugin() {
     require!("/usr/bin/python3", "-c", "import nbd");
-    let dir = TempDir::new("libnbd");
+    let (srv, dir) = random_file_server();
     let img = dir.path("disk.img");
-    run_ok("sh", &["-c", &format!("head -c 1M /dev/urandom > '{}'", s(&img))]);
-    let srv = Server::start(&["file", s(&img)]);
     // Sixteen reads in flight at once, then 64 mixed writes and reads:
     // every reply must match its request (cookie) and carry its own data.
     py(
@@ -401,13 +416,6 @@ fn replies_come_out_of_order_when_a_read_is_delayed() {
     py(
         &srv,
         r#"
-order = []
-def done(name):
-    def cb(err):
-        assert err.value == 0, (name, err)
-        order.append(name)
-        return 1
-    return cb
 h.pwrite(b"r" * 512, 0)
 buf = nbd.Buffer(512)
 t = time.monotonic()
@@ -428,10 +436,8 @@ assert h.pread(512, 4096) == b"w" * 512
 #[test]
 fn a_file_client_going_from_one_request_at_a_time_to_many_and_back_gets_every_reply_right() {
     require!("/usr/bin/python3", "-c", "import nbd");
-    let dir = TempDir::new("libnbd");
+    let (srv, dir) = random_file_server();
     let img = dir.path("disk.img");
-    run_ok("sh", &["-c", &format!("head -c 1M /dev/urandom > '{}'", s(&img))]);
-    let srv = Server::start(&["file", s(&img)]);
     // The file plugin's writes, trims and zeroes run on the thread that
     // read them while they stay quick (server/brief.rs): one at a time,
     // then 64 at once, three times; every reply must carry its own data.
@@ -489,13 +495,6 @@ fn a_delayed_read_after_many_lone_writes_is_still_overtaken() {
         r#"
 for i in range(40):
     h.pwrite(bytes([i]) * 512, i * 4096)
-order = []
-def done(name):
-    def cb(err):
-        assert err.value == 0, (name, err)
-        order.append(name)
-        return 1
-    return cb
 buf = nbd.Buffer(512)
 h.aio_pread(buf, 4096, done("read"))
 time.sleep(0.2)  # the READ arrives alone
