@@ -186,6 +186,9 @@ struct Conn {
     /// A TCP connection: big payloads are read once they have all come
     /// (`read_waiting`).
     tcp: bool,
+    /// The last request had a payload over [`BIG_PAYLOAD`] (touched under
+    /// the read lock).
+    big: AtomicBool,
     /// The handle's waits are brief as a rule (`Handle::brief`): quick
     /// requests run on the reading thread while they stay quick.
     brief: bool,
@@ -236,6 +239,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         inline,
         lend,
         tcp: matches!(socket_domain(read_fd), Some(libc::AF_INET | libc::AF_INET6)),
+        big: AtomicBool::new(false),
         brief,
         quick: brief::Brief::default(),
         name: ctx.to_string(),
@@ -805,17 +809,24 @@ fn read_into(conn: &Conn, r: &mut BufReader<File>, bufs: &mut [&mut [u8]]) -> bo
 #[allow(unsafe_code)]
 fn read_waiting(fd: RawFd, mut left: &mut [std::io::IoSliceMut<'_>]) -> bool {
     let mut ok = true;
+    // First take what has come: often all of it (nbdcopy's 256 KiB
+    // writes), and then the mark is never touched.
+    let mut marked = false;
+    let mut first = true;
     while !left.is_empty() {
-        let want: usize = left.iter().map(|b| b.len()).sum();
-        set_rcvlowat(fd, want);
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        if !std::mem::take(&mut first) {
+            let want: usize = left.iter().map(|b| b.len()).sum();
+            marked = true;
+            set_rcvlowat(fd, want);
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                ok = false;
+                break;
             }
-            ok = false;
-            break;
         }
         let n = left.len().min(IOV_MAX);
         // SAFETY: IoSliceMut is ABI compatible with iovec on Unix; the
@@ -842,7 +853,9 @@ fn read_waiting(fd: RawFd, mut left: &mut [std::io::IoSliceMut<'_>]) -> bool {
             },
         }
     }
-    set_rcvlowat(fd, 1);
+    if marked {
+        set_rcvlowat(fd, 1);
+    }
     ok
 }
 
@@ -851,6 +864,12 @@ const IOV_MAX: usize = 1024;
 
 /// Payloads up to this size are read as they come.
 const LOWAT_MIN: usize = 64 * 1024;
+
+/// After a payload bigger than this, the next header is read on its own,
+/// so that the payload after it goes straight where it belongs instead of
+/// partly through the read buffer (a copy more): one system call more per
+/// request, where each brings 64 KiB or more.
+const BIG_PAYLOAD: u64 = 64 * 1024;
 
 /// Writes the held-back replies; false if the socket is broken.
 fn flush(conn: &Conn, pending: &mut Vec<u8>) -> bool {
@@ -875,7 +894,14 @@ fn broken(conn: &Conn) {
 fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
     let ext = conn.export.extended;
     let mut hdr = [0u8; EXT_REQUEST_LEN];
-    if r.read_exact(&mut hdr[..conn.hlen]).is_err() {
+    // After a big payload, read only the next header: filling the buffer
+    // would take part of the next payload into it, to be copied again.
+    let got = if r.buffer().is_empty() && conn.big.load(Ordering::Relaxed) {
+        r.get_mut().read_exact(&mut hdr[..conn.hlen])
+    } else {
+        r.read_exact(&mut hdr[..conn.hlen])
+    };
+    if got.is_err() {
         return Next::Stop { hung_up: true };
     }
     let req = match Request::decode(&hdr[..conn.hlen], ext) {
@@ -890,6 +916,7 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
         return Next::Stop { hung_up: false };
     }
     let plen = req.payload_len(ext);
+    conn.big.store(plen > BIG_PAYLOAD, Ordering::Relaxed);
     let check = if plen > u64::from(MAX_REQUEST_SIZE) {
         if plen > 2 * u64::from(MAX_REQUEST_SIZE) {
             crate::debug!("client payload of {plen} bytes is too large: closing connection");
