@@ -8,7 +8,7 @@ mod common;
 use common::*;
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Python prelude: libnbd, a handle `h` connected to `uri` with
 /// base:allocation requested, and `fails(ERRNO, f, *args)`.
@@ -53,13 +53,13 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The file plugin serving `disk.img`, 1 MiB of random bytes, in a new
-/// temporary directory.
-fn random_file_server() -> (Server, TempDir) {
+/// The file plugin serving 1 MiB of random bytes in a new temporary
+/// directory (kept until dropped), and the file's path.
+fn random_file_server() -> (Server, TempDir, PathBuf) {
     let dir = TempDir::new("libnbd");
     let img = dir.path("disk.img");
     run_ok("sh", &["-c", &format!("head -c 1M /dev/urandom > '{}'", s(&img))]);
-    (Server::start(&["file", s(&img)]), dir)
+    (Server::start(&["file", s(&img)]), dir, img)
 }
 
 #[test]
@@ -371,8 +371,7 @@ print(h.pread(8, 12345).decode())
 #[test]
 fn sixteen_parallel_aio_preads_and_writes_on_the_file_plugin() {
     require!("/usr/bin/python3", "-c", "import nbd");
-    let (srv, dir) = random_file_server();
-    let img = dir.path("disk.img");
+    let (srv, _dir, img) = random_file_server();
     // Sixteen reads in flight at once, then 64 mixed writes and reads:
     // every reply must match its request (cookie) and carry its own data.
     py(
@@ -436,8 +435,7 @@ assert h.pread(512, 4096) == b"w" * 512
 #[test]
 fn a_file_client_going_from_one_request_at_a_time_to_many_and_back_gets_every_reply_right() {
     require!("/usr/bin/python3", "-c", "import nbd");
-    let (srv, dir) = random_file_server();
-    let img = dir.path("disk.img");
+    let (srv, _dir, img) = random_file_server();
     // The file plugin's writes, trims and zeroes run on the thread that
     // read them while they stay quick (server/brief.rs): one at a time,
     // then 64 at once, three times; every reply must carry its own data.
