@@ -17,7 +17,7 @@
 //! file plugin without cache=none), a request that waits for no disk as a
 //! rule ([`quick`]: a WRITE, or a small TRIM or ZERO, without FUA; block
 //! status) runs on the reading thread, as requests of plugins that never
-//! block do, and its reply joins the held-back batch. FLUSH and FUA wait
+//! block do, and its reply goes out at once. FLUSH and FUA wait
 //! for the disk; a READ that gets this far could not be answered from the
 //! page cache (`Handle::pread_nowait`): those are handed off. If one that
 //! ran here was slow ([`slow`]: the kernel throttling a writer
@@ -101,7 +101,8 @@ impl Brief {
         }
     }
 
-    /// A request of `count` bytes ran on this thread and took `took`.
+    /// A request that moved `count` bytes (0 unless it is a WRITE) ran on
+    /// this thread and took `took`.
     pub fn ran(&self, took: Duration, count: u64) {
         let backoff = self.backoff.load(Ordering::Relaxed);
         if slow(took, count) {

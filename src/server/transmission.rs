@@ -461,7 +461,8 @@ fn worker(conn: Arc<Conn>) {
 /// follows (the client waits for the plugin, not the other way round).
 /// False if the socket is broken.
 fn ran_brief(conn: &Conn, batch: &mut nap::Batch, pending: &mut Vec<u8>, req: &Request, t: Instant, reply: Reply) -> bool {
-    conn.quick.ran(t.elapsed(), req.count);
+    // (A BLOCK_STATUS's count is a range, not bytes copied.)
+    conn.quick.ran(t.elapsed(), if req.cmd == cmd::WRITE { req.count } else { 0 });
     batch.handed_off();
     hold_or_send(conn, pending, reply) && flush(conn, pending)
 }
