@@ -27,12 +27,40 @@ impl Chain {
             .iter()
             .map(|f| registry::filter(f).ok_or_else(|| not_found("filter", f)))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Chain {
-            plugin: (plugin_entry.new)(),
-            filters: filter_entries.iter().map(|e| (e.new)()).collect(),
-            plugin_entry,
-            filter_entries,
-        })
+        // nbdkit's order: the plugin, then the filters from the innermost.
+        let plugin = load("plugin", plugin_entry.name, plugin_entry.new);
+        let mut filters: Vec<Box<dyn Filter>> =
+            filter_entries.iter().rev().map(|e| load("filter", e.name, e.new)).collect();
+        filters.reverse();
+        let chain = Chain { plugin, filters, plugin_entry, filter_entries };
+        if log::verbose() {
+            let mut layers: Vec<String> = chain.filter_entries.iter().map(|e| format!("{} (filter)", e.name)).collect();
+            layers.push(format!("{} (plugin)", chain.plugin_entry.name));
+            if let Some(first) = layers.first_mut() {
+                first.insert_str(first.len() - 1, ", first");
+            }
+            if layers.len() > 1 {
+                if let Some(last) = layers.last_mut() {
+                    last.insert_str(last.len() - 1, ", last");
+                }
+            }
+            log::debug(&format!("request processing: {}", layers.join(" -> ")));
+        }
+        Ok(chain)
+    }
+
+    /// Names of the layers, outermost first, and whether each is the plugin.
+    fn layer_names(&self) -> impl DoubleEndedIterator<Item = (&'static str, bool)> + '_ {
+        self.filter_entries.iter().map(|e| (e.name, false)).chain(std::iter::once((self.plugin_entry.name, true)))
+    }
+
+    /// The point where nbdkit unloads each layer (plugin first, then the
+    /// filters from the innermost): only a debug line here, the layers are
+    /// built in and live until exit.
+    pub fn unload(&self) {
+        for (name, plugin) in self.layer_names().rev() {
+            crate::debug!("{name}: unload {}", if plugin { "plugin" } else { "filter" });
+        }
     }
 
     /// Name of the plugin.
@@ -42,11 +70,13 @@ impl Chain {
 
     /// Offers `key=value` to each filter from the outermost, then to the plugin.
     pub fn config(&mut self, key: &str, value: &str) -> Result<()> {
-        for f in &mut self.filters {
+        for (f, e) in self.filters.iter_mut().zip(&self.filter_entries) {
+            crate::debug!("{}: config key={key}, value={value}", e.name);
             if f.config(key, value)? == Param::Used {
                 return Ok(());
             }
         }
+        crate::debug!("{}: config key={key}, value={value}", self.plugin_entry.name);
         match self.plugin.config(key, value)? {
             Param::Used => Ok(()),
             Param::NotMine => Err(Error::invalid(format!(
@@ -58,9 +88,11 @@ impl Chain {
 
     /// config_complete: filters from the outermost, then the plugin.
     pub fn config_complete(&mut self) -> Result<()> {
-        for f in &mut self.filters {
+        for (f, e) in self.filters.iter_mut().zip(&self.filter_entries) {
+            crate::debug!("{}: config_complete", e.name);
             f.config_complete()?;
         }
+        crate::debug!("{}: config_complete", self.plugin_entry.name);
         self.plugin.config_complete()
     }
 
@@ -80,9 +112,11 @@ impl Chain {
 
     /// get_ready: the plugin first, then filters from the innermost.
     pub fn get_ready(&mut self) -> Result<()> {
+        crate::debug!("{}: get_ready", self.plugin_entry.name);
         self.plugin.get_ready()?;
         let model = self.thread_model();
-        for f in self.filters.iter_mut().rev() {
+        for (f, e) in self.filters.iter_mut().zip(&self.filter_entries).rev() {
+            crate::debug!("{}: get_ready thread_model={}", e.name, model as u8);
             f.get_ready(model)?;
         }
         Ok(())
@@ -90,8 +124,10 @@ impl Chain {
 
     /// after_fork: the plugin first, then filters from the innermost.
     pub fn after_fork(&self) -> Result<()> {
+        crate::debug!("{}: after_fork", self.plugin_entry.name);
         self.plugin.after_fork()?;
-        for f in self.filters.iter().rev() {
+        for (f, e) in self.filters.iter().zip(&self.filter_entries).rev() {
+            crate::debug!("{}: after_fork", e.name);
             f.after_fork()?;
         }
         Ok(())
@@ -99,9 +135,11 @@ impl Chain {
 
     /// cleanup: filters from the outermost, then the plugin.
     pub fn cleanup(&self) {
-        for f in &self.filters {
+        for (f, e) in self.filters.iter().zip(&self.filter_entries) {
+            crate::debug!("{}: cleanup", e.name);
             f.cleanup();
         }
+        crate::debug!("{}: cleanup", self.plugin_entry.name);
         self.plugin.cleanup();
     }
 
@@ -109,6 +147,15 @@ impl Chain {
     pub fn top(&self) -> Layer<'_> {
         Layer { chain: self, index: 0 }
     }
+}
+
+/// Instantiates one layer, with nbdkit's registering/load lines.
+fn load<T: ?Sized>(kind: &str, name: &str, new: fn() -> Box<T>) -> Box<T> {
+    crate::debug!("registering {kind} {name} (built in)");
+    let layer = new();
+    crate::debug!("registered {kind} {name} (built in) (name {name})");
+    crate::debug!("{name}: load");
+    layer
 }
 
 fn not_found(what: &str, name: &str) -> String {
@@ -143,6 +190,9 @@ impl Layer<'_> {
 
 impl Next for Layer<'_> {
     fn preconnect(&self, readonly: bool) -> Result<()> {
+        if log::trace_controlpath() {
+            log::debug(&format!("{}: preconnect", self.name()));
+        }
         match self.filter() {
             Some(f) => f.preconnect(&self.below(), readonly),
             None => self.chain.plugin.preconnect(readonly),
@@ -150,13 +200,27 @@ impl Next for Layer<'_> {
     }
 
     fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<Export>> {
-        match self.filter() {
+        let control = log::trace_controlpath();
+        if control {
+            log::debug(&format!("{}: list_exports readonly={} tls={}", self.name(), readonly as u8, is_tls as u8));
+        }
+        let list = match self.filter() {
             Some(f) => f.list_exports(&self.below(), readonly, is_tls),
             None => self.chain.plugin.list_exports(readonly, is_tls),
+        };
+        if control {
+            match &list {
+                Ok(l) => log::debug(&format!("{}: list_exports returned {} names", self.name(), l.len())),
+                Err(_) => log::debug(&format!("{}: list_exports failed", self.name())),
+            }
         }
+        list
     }
 
     fn default_export(&self, readonly: bool, is_tls: bool) -> Option<String> {
+        if log::trace_controlpath() {
+            log::debug(&format!("{}: default_export readonly={} tls={}", self.name(), readonly as u8, is_tls as u8));
+        }
         let name = match self.filter() {
             Some(f) => f.default_export(&self.below(), readonly, is_tls),
             None => self.chain.plugin.default_export(readonly, is_tls),
@@ -173,6 +237,9 @@ impl Next for Layer<'_> {
             Some(f) => f.open(&self.below(), readonly, export, is_tls)?,
             None => self.chain.plugin.open(readonly, export, is_tls)?,
         };
+        if log::trace_controlpath() {
+            log::debug(&format!("{name}: open returned handle {:p}", &*h as *const dyn Handle as *const u8));
+        }
         Ok(Box::new(Checked::new(name, h, readonly)?))
     }
 }

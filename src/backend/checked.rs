@@ -37,20 +37,38 @@ impl Checked {
     pub fn new(name: &'static str, inner: Box<dyn Handle>, readonly: bool) -> Result<Checked> {
         let control = log::trace_controlpath();
         if control {
+            log::debug(&format!("{name}: prepare readonly={}", readonly as u8));
             log::debug(&format!("{name}: get_size"));
         }
         let size = inner.size()?;
         if size > i64::MAX as u64 {
             return Err(Error::invalid(format!("get_size: size {size} is larger than 2^63-1")));
         }
-        if control {
-            log::debug(&format!("{name}: can_write, can_flush, is_rotational, can_trim, can_zero, can_fast_zero, can_extents, can_fua, can_multi_conn, can_cache"));
-        }
         let mut caps = inner.caps()?;
         if readonly {
             caps.write = false;
         }
         let caps = caps.normalized();
+        if control {
+            // One call asks them all; the lines are nbdkit's, in its order,
+            // without those it skips (no write: no trim, zero, FUA).
+            for (c, asked) in [
+                ("can_write", true),
+                ("can_zero", caps.write),
+                ("can_fast_zero", caps.zero != Support::None),
+                ("can_trim", caps.write),
+                ("can_fua", caps.write),
+                ("can_flush", true),
+                ("is_rotational", true),
+                ("can_multi_conn", true),
+                ("can_cache", true),
+                ("can_extents", true),
+            ] {
+                if asked {
+                    log::debug(&format!("{name}: {c}"));
+                }
+            }
+        }
         let blocks = inner.blocks();
         Ok(Checked { name, inner, size, caps, blocks })
     }
@@ -108,6 +126,16 @@ impl Checked {
     }
 }
 
+impl Drop for Checked {
+    fn drop(&mut self) {
+        // The connection's end: nbdkit finalizes and closes each layer.
+        if log::trace_controlpath() {
+            log::debug(&format!("{}: finalize", self.name));
+            log::debug(&format!("{}: close", self.name));
+        }
+    }
+}
+
 impl Handle for Checked {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
@@ -118,6 +146,9 @@ impl Handle for Checked {
     }
 
     fn block_size(&self) -> Result<Option<BlockSize>> {
+        if log::trace_controlpath() {
+            log::debug(&format!("{}: block_size", self.name));
+        }
         match self.inner.block_size()? {
             Some(b) if b.min == 0 => Ok(None),
             Some(b) if !b.is_valid() => Err(Error::invalid(format!(
@@ -129,6 +160,9 @@ impl Handle for Checked {
     }
 
     fn export_description(&self) -> Option<String> {
+        if log::trace_controlpath() {
+            log::debug(&format!("{}: export_description", self.name));
+        }
         self.inner.export_description().filter(|d| d.len() <= 4096)
     }
 

@@ -6,8 +6,26 @@
 
 use super::codec::{DecodeError, Put, Reader};
 use super::handshake::option_reply;
-use super::wire::{cflag, eflag, gflag, info, opt, rep, BASE_ALLOCATION, BASE_ALLOCATION_ID, MAX_REQUEST_SIZE, MAX_STRING};
+use super::wire::{cflag, eflag, gflag, info, opt, rep, Named, BASE_ALLOCATION, BASE_ALLOCATION_ID, MAX_REQUEST_SIZE, MAX_STRING};
 use crate::backend::{BlockSize, Caps, Export, Support};
+
+/// A debug line about negotiation, in nbdkit's wording, handed to the
+/// driver through [`Exports::note`]; formatted only when the driver is
+/// verbose.
+macro_rules! note {
+    ($ex:expr, $($arg:tt)*) => {
+        if $ex.verbose() {
+            $ex.note(&format!($($arg)*));
+        }
+    };
+}
+
+/// Appends an ACK or error reply and notes it as nbdkit does
+/// (`replying to NBD_OPT_… with NBD_REP_…`).
+fn reply(ex: &mut dyn Exports, out: &mut Vec<u8>, option: u32, typ: u32, payload: &[u8]) {
+    option_reply(out, option, typ, payload);
+    note!(ex, "replying to {} with {}", Named::opt(option), Named::rep(typ));
+}
 
 /// Options a client may send before choosing an export (nbdkit's
 /// MAX_NR_OPTIONS); each export listed by LIST adds as many again.
@@ -42,6 +60,14 @@ pub trait Exports {
     fn open(&mut self, name: &str) -> Result<ExportInfo, String>;
     /// Close what `open` opened (after INFO).
     fn close(&mut self);
+    /// True if [`Exports::note`] wants the debug lines (`-v`): they are
+    /// not even formatted otherwise.
+    fn verbose(&self) -> bool {
+        false
+    }
+    /// One debug line about what negotiation does, in nbdkit's wording,
+    /// at the point it happens (between the export side's own calls).
+    fn note(&mut self, _msg: &str) {}
 }
 
 /// Server policy for this connection.
@@ -152,7 +178,8 @@ impl Negotiation {
     /// Handles one option, appending the reply to `out`.
     pub fn handle(&mut self, option: u32, payload: Payload<'_>, ex: &mut dyn Exports, out: &mut Vec<u8>) -> Step {
         if self.budget == 0 {
-            return Step::Close; // spent too long negotiating without selecting an export
+            note!(ex, "client spent too much time negotiating without selecting an export");
+            return Step::Close;
         }
         self.budget -= 1;
         let bytes = match payload {
@@ -164,64 +191,83 @@ impl Negotiation {
         }
         if !self.fixed {
             // Without fixed newstyle only EXPORT_NAME is honoured.
-            option_reply(out, option, rep::ERR_INVALID, b"");
+            note!(ex, "newstyle negotiation: {}: client is not fixed newstyle, only NBD_OPT_EXPORT_NAME is allowed", Named::opt(option));
+            reply(ex, out, option, rep::ERR_INVALID, b"");
             return Step::Continue;
         }
         let empty = bytes.is_some_and(|b| b.is_empty());
+        if !empty && matches!(option, opt::LIST | opt::STARTTLS | opt::STRUCTURED_REPLY | opt::EXTENDED_HEADERS) {
+            note!(ex, "ignoring request, client sent unexpected payload: {}", Named::opt(option));
+        }
         match option {
             opt::ABORT => {
-                option_reply(out, option, rep::ACK, b"");
+                reply(ex, out, option, rep::ACK, b"");
+                note!(ex, "client sent {} to abort the connection", Named::opt(option));
                 Step::Close
             }
             opt::LIST => {
                 if !empty || self.listed {
-                    option_reply(out, option, rep::ERR_INVALID, b"");
+                    if empty {
+                        note!(ex, "newstyle negotiation: {}: export list already advertised", Named::opt(option));
+                    }
+                    reply(ex, out, option, rep::ERR_INVALID, b"");
                     return Step::Continue;
                 }
                 self.list(ex, out)
             }
             opt::STARTTLS => {
                 let typ = if empty { rep::ERR_POLICY } else { rep::ERR_INVALID };
-                option_reply(out, option, typ, b"");
+                reply(ex, out, option, typ, b"");
                 Step::Continue
             }
             opt::INFO | opt::GO => match bytes {
                 Some(b) => self.info_go(option, b, ex, out),
                 None => {
-                    option_reply(out, option, rep::ERR_INVALID, b"");
+                    note!(ex, "client option data too long, ignoring {}", Named::opt(option));
+                    reply(ex, out, option, rep::ERR_INVALID, b"");
                     Step::Continue
                 }
             },
             opt::STRUCTURED_REPLY => {
                 let typ = if !empty || self.structured {
+                    if empty {
+                        note!(ex, "newstyle negotiation: {}: structured replies already in use", Named::opt(option));
+                    }
                     rep::ERR_INVALID
                 } else if self.policy.no_sr {
+                    note!(ex, "newstyle negotiation: {}: structured replies are disabled", Named::opt(option));
                     rep::ERR_UNSUP
                 } else if self.extended {
+                    note!(ex, "newstyle negotiation: {}: extended headers already negotiated", Named::opt(option));
                     rep::ERR_EXT_HEADER_REQD
                 } else {
+                    note!(ex, "newstyle negotiation: {}: client requested structured replies", Named::opt(option));
                     self.structured = true;
                     rep::ACK
                 };
-                option_reply(out, option, typ, b"");
+                reply(ex, out, option, typ, b"");
                 Step::Continue
             }
             opt::EXTENDED_HEADERS if self.policy.extended_headers && !self.policy.no_sr => {
                 let typ = if !empty || self.extended {
+                    if empty {
+                        note!(ex, "newstyle negotiation: {}: extended headers already in use", Named::opt(option));
+                    }
                     rep::ERR_INVALID
                 } else {
+                    note!(ex, "newstyle negotiation: {}: client requested extended headers", Named::opt(option));
                     self.extended = true;
                     rep::ACK
                 };
-                option_reply(out, option, typ, b"");
+                reply(ex, out, option, typ, b"");
                 Step::Continue
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                self.meta_context(option, bytes.unwrap_or_default(), out);
+                self.meta_context(option, bytes.unwrap_or_default(), ex, out);
                 Step::Continue
             }
             _ => {
-                option_reply(out, option, rep::ERR_UNSUP, b"");
+                reply(ex, out, option, rep::ERR_UNSUP, b"");
                 Step::Continue
             }
         }
@@ -253,8 +299,10 @@ impl Negotiation {
             return Step::Close;
         }
         let name = String::from_utf8_lossy(name);
+        note!(ex, "newstyle negotiation: {}: client requested export '{name}'", Named::opt(opt::EXPORT_NAME));
         let Ok(info) = ex.open(&name) else { return Step::Close };
         let eflags = self.eflags(&info.caps);
+        note!(ex, "newstyle negotiation: flags: export 0x{eflags:x}");
         out.put_u64(info.size);
         out.put_u16(eflags);
         if !self.no_zeroes {
@@ -272,8 +320,9 @@ impl Negotiation {
 
     fn list(&mut self, ex: &mut dyn Exports, out: &mut Vec<u8>) -> Step {
         self.listed = true;
+        note!(ex, "newstyle negotiation: {}: advertising exports", Named::opt(opt::LIST));
         match ex.list() {
-            Err(msg) => option_reply(out, opt::LIST, rep::ERR_PLATFORM, clip(msg.as_bytes())),
+            Err(msg) => reply(ex, out, opt::LIST, rep::ERR_PLATFORM, clip(msg.as_bytes())),
             Ok(exports) => {
                 for e in &exports {
                     let mut p = Vec::with_capacity(4 + e.name.len());
@@ -285,7 +334,7 @@ impl Negotiation {
                     option_reply(out, opt::LIST, rep::SERVER, &p);
                 }
                 self.budget = self.budget.saturating_add(MAX_OPTIONS.saturating_mul(exports.len() as u32));
-                option_reply(out, opt::LIST, rep::ACK, b"");
+                reply(ex, out, opt::LIST, rep::ACK, b"");
             }
         }
         Step::Continue
@@ -293,18 +342,38 @@ impl Negotiation {
 
     fn info_go(&mut self, option: u32, payload: &[u8], ex: &mut dyn Exports, out: &mut Vec<u8>) -> Step {
         let Some((name, infos)) = parse_info_go(payload) else {
-            option_reply(out, option, rep::ERR_INVALID, b"");
+            note!(ex, "newstyle negotiation: {}: invalid option payload (length {}, export name or number of information requests incorrect)", Named::opt(option), payload.len());
+            reply(ex, out, option, rep::ERR_INVALID, b"");
             return Step::Continue;
         };
         let name_str = String::from_utf8_lossy(name);
+        note!(ex, "newstyle negotiation: {}: client requested export '{name_str}'", Named::opt(option));
         let info = match ex.open(&name_str) {
             Ok(i) => i,
             Err(msg) => {
-                option_reply(out, option, rep::ERR_UNKNOWN, clip(msg.as_bytes()));
+                reply(ex, out, option, rep::ERR_UNKNOWN, clip(msg.as_bytes()));
                 return Step::Continue;
             }
         };
         let eflags = self.eflags(&info.caps);
+        note!(ex, "newstyle negotiation: flags: export 0x{eflags:x}");
+        if ex.verbose() {
+            // nbdkit's notes about the information requests, in the client's order.
+            for t in infos.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])) {
+                let o = Named::opt(option);
+                match t {
+                    info::EXPORT | info::NAME => {}
+                    info::DESCRIPTION if info.description.is_none() => {
+                        ex.note(&format!("newstyle negotiation: {o}: NBD_INFO_DESCRIPTION: no description to send"));
+                    }
+                    info::BLOCK_SIZE if info.block_size.is_none() => ex.note(&format!(
+                        "newstyle negotiation: {o}: NBD_INFO_BLOCK_SIZE: client requested but no plugin or filter provided block size information, ignoring client request"
+                    )),
+                    info::DESCRIPTION | info::BLOCK_SIZE => {}
+                    _ => ex.note(&format!("newstyle negotiation: {o}: ignoring NBD_INFO_* request {t} (unknown)")),
+                }
+            }
+        }
         let mut p = Vec::with_capacity(12);
         p.put_u16(info::EXPORT);
         p.put_u64(info.size);
@@ -332,7 +401,7 @@ impl Negotiation {
             p.put_u32(b.max.min(MAX_REQUEST_SIZE));
             option_reply(out, option, rep::INFO, &p);
         }
-        option_reply(out, option, rep::ACK, b"");
+        reply(ex, out, option, rep::ACK, b"");
         if option == opt::INFO {
             ex.close();
             return Step::Continue;
@@ -341,23 +410,45 @@ impl Negotiation {
         Step::Transmission
     }
 
-    fn meta_context(&mut self, option: u32, payload: &[u8], out: &mut Vec<u8>) {
+    fn meta_context(&mut self, option: u32, payload: &[u8], ex: &mut dyn Exports, out: &mut Vec<u8>) {
         let set = option == opt::SET_META_CONTEXT;
+        let o = Named::opt(option);
         if set {
             self.meta = None; // SET replaces the selection even when it fails
         }
         if self.policy.no_mc {
-            option_reply(out, option, rep::ERR_UNSUP, b"");
+            note!(ex, "newstyle negotiation: {o}: meta contexts are disabled (--no-mc or --no-sr)");
+            reply(ex, out, option, rep::ERR_UNSUP, b"");
             return;
         }
         if set && !(self.structured || self.extended) {
-            option_reply(out, option, rep::ERR_INVALID, b"");
+            note!(ex, "newstyle negotiation: {o}: not valid before structured replies or extended headers are negotiated");
+            reply(ex, out, option, rep::ERR_INVALID, b"");
             return;
         }
         let Some((name, queries)) = parse_meta(payload) else {
-            option_reply(out, option, rep::ERR_INVALID, b"");
+            note!(ex, "newstyle negotiation: {o}: invalid option length: payload of {} bytes", payload.len());
+            reply(ex, out, option, rep::ERR_INVALID, b"");
             return;
         };
+        let what = if set { "set" } else { "query" };
+        if ex.verbose() {
+            ex.note(&format!("newstyle negotiation: {o}: client requested export '{}'", String::from_utf8_lossy(name)));
+            ex.note(&format!("newstyle negotiation: {o}: {what} count: {}", queries.len()));
+            if queries.is_empty() && !set {
+                ex.note(&format!("newstyle negotiation: {o}: replying with {BASE_ALLOCATION} id 0"));
+            }
+            let mut replied = false;
+            for q in &queries {
+                ex.note(&format!("newstyle negotiation: {o}: {what} {}", String::from_utf8_lossy(q)));
+                let hit = *q == BASE_ALLOCATION.as_bytes() || (!set && *q == b"base:");
+                if hit && !replied {
+                    replied = true;
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    ex.note(&format!("newstyle negotiation: {o}: replying with {BASE_ALLOCATION} id {id}"));
+                }
+            }
+        }
         let base = if set {
             queries.iter().any(|q| *q == BASE_ALLOCATION.as_bytes())
         } else {
@@ -372,7 +463,8 @@ impl Negotiation {
         if set {
             self.meta = Some((name.to_vec(), base));
         }
-        option_reply(out, option, rep::ACK, b"");
+        reply(ex, out, option, rep::ACK, b"");
+        note!(ex, "newstyle negotiation: {o}: reply complete");
     }
 }
 

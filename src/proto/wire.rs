@@ -84,6 +84,23 @@ pub mod opt {
     pub const SET_META_CONTEXT: u32 = 10;
     /// NBD_OPT_EXTENDED_HEADERS.
     pub const EXTENDED_HEADERS: u32 = 11;
+
+    /// nbdkit's name for an option (debug lines), `None` if unknown.
+    pub fn name(o: u32) -> Option<&'static str> {
+        Some(match o {
+            EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+            ABORT => "NBD_OPT_ABORT",
+            LIST => "NBD_OPT_LIST",
+            STARTTLS => "NBD_OPT_STARTTLS",
+            INFO => "NBD_OPT_INFO",
+            GO => "NBD_OPT_GO",
+            STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+            LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+            SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+            EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
+            _ => return None,
+        })
+    }
 }
 
 /// Option reply types.
@@ -116,6 +133,52 @@ pub mod rep {
     pub const ERR_TOO_BIG: u32 = 0x8000_0009;
     /// Extended headers required.
     pub const ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
+
+    /// nbdkit's name for a reply type (debug lines), `None` if unknown.
+    pub fn name(r: u32) -> Option<&'static str> {
+        Some(match r {
+            ACK => "NBD_REP_ACK",
+            SERVER => "NBD_REP_SERVER",
+            INFO => "NBD_REP_INFO",
+            META_CONTEXT => "NBD_REP_META_CONTEXT",
+            ERR_UNSUP => "NBD_REP_ERR_UNSUP",
+            ERR_POLICY => "NBD_REP_ERR_POLICY",
+            ERR_INVALID => "NBD_REP_ERR_INVALID",
+            ERR_PLATFORM => "NBD_REP_ERR_PLATFORM",
+            ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD",
+            ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN",
+            ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN",
+            ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD",
+            ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG",
+            ERR_EXT_HEADER_REQD => "NBD_REP_ERR_EXT_HEADER_REQD",
+            _ => return None,
+        })
+    }
+}
+
+/// Displays an option or reply number as nbdkit's debug lines do: its
+/// name, or `unknown (0xN)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Named(pub Option<&'static str>, pub u32);
+
+impl Named {
+    /// An option.
+    pub fn opt(o: u32) -> Named {
+        Named(opt::name(o), o)
+    }
+    /// A reply type.
+    pub fn rep(r: u32) -> Named {
+        Named(rep::name(r), r)
+    }
+}
+
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => f.write_str(n),
+            None => write!(f, "unknown (0x{:x})", self.1),
+        }
+    }
 }
 
 /// NBD_INFO types.

@@ -16,7 +16,7 @@ use crate::proto::handshake::{self, OptionHeader, OPTION_HEADER_LEN};
 use crate::proto::negotiate::{ExportInfo, Exports, Intake, Negotiation, Payload, Step};
 use crate::proto::reply::Mode;
 use crate::proto::request;
-use crate::proto::wire::{opt, rep};
+use crate::proto::wire::{opt, rep, Named};
 use crate::util::{log, shutdown};
 
 /// Why a connection ended early.
@@ -30,6 +30,8 @@ pub enum End {
     Closed,
     /// The handshake took longer than `--timeout`.
     Timeout,
+    /// The client sent NBD_OPT_ABORT.
+    Aborted,
 }
 
 impl From<std::io::Error> for End {
@@ -74,7 +76,12 @@ where
 {
     let chain = shared.chain;
     let readonly = shared.readonly;
-    let pre = blocking::unblock(move || shutdown::catch_panic("preconnect", || chain.top().preconnect(readonly))).await;
+    let pctx = Some(ctx.clone());
+    let pre = blocking::unblock(move || {
+        log::set_context(pctx);
+        shutdown::catch_panic("preconnect", || chain.top().preconnect(readonly))
+    })
+    .await;
     if let Err(e) = pre {
         log::error(e.message());
         return;
@@ -103,20 +110,46 @@ where
         Ok(session) => session,
         Err(End::Timeout) => {
             crate::debug!("connection timed out");
+            crate::debug!("handshake: not complete within --timeout={}s, closing connection", timeout.as_secs_f64());
             (s.shutdown)();
             return;
         }
-        Err(End::Protocol(e)) => {
-            crate::debug!("handshake: {e}");
+        Err(e) => {
+            handshake_failed(&e);
             return;
         }
-        Err(_) => return,
     };
+    if log::verbose() {
+        if shared.threads > 1 && shared.model == crate::backend::ThreadModel::Parallel {
+            crate::debug!("handshake complete, processing requests with {} threads", shared.threads);
+        } else {
+            crate::debug!("handshake complete, processing requests serially");
+        }
+    }
     let files = blocking_files(s.fds);
     drop(s); // the async sources go; the duplicated descriptors stay
     match files {
         Ok((r, w)) => transmission::run(&shared, session, r, w, ctx).await,
         Err(e) => log::error(&format!("transmission: {e}")),
+    }
+}
+
+/// Says why a handshake ended without an export (`-v`).
+fn handshake_failed(e: &End) {
+    match e {
+        End::Protocol(DecodeError::BadMagic(m)) => {
+            crate::debug!("handshake: unknown option version {m:x}, expecting {:x}, closing connection", crate::proto::wire::IHAVEOPT)
+        }
+        End::Protocol(DecodeError::TooLong(n)) => crate::debug!("handshake: client option data too long ({n}), closing connection"),
+        End::Protocol(e) => crate::debug!("handshake: {e}, closing connection"),
+        End::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            crate::debug!("handshake: client closed the connection during negotiation")
+        }
+        End::Io(e) => crate::debug!("handshake: {e}, closing connection"),
+        End::Closed if shutdown::requested() => crate::debug!("handshake: server is shutting down, closing connection"),
+        End::Closed => crate::debug!("handshake: negotiation ended without an export, closing connection"),
+        End::Timeout => crate::debug!("connection timed out"),
+        End::Aborted => {}
     }
 }
 
@@ -152,6 +185,7 @@ where
     w.flush().await?;
     let mut cflags = [0; 4];
     r.read_exact(&mut cflags).await?;
+    crate::debug!("newstyle negotiation: client flags: 0x{:x}", u32::from_be_bytes(cflags));
     let mut neg = Negotiation::new(shared.policy, gflags, u32::from_be_bytes(cflags))?;
     let mut payload = Vec::new();
     loop {
@@ -171,6 +205,7 @@ where
         let mut out = Vec::new();
         if shutdown::requested() && h.option != opt::ABORT {
             handshake::option_reply(&mut out, h.option, rep::ERR_SHUTDOWN, b"");
+            crate::debug!("replying to {} with {}", Named::opt(h.option), Named::rep(rep::ERR_SHUTDOWN));
             w.write_all(&out).await?;
             w.flush().await?;
             return Err(End::Closed);
@@ -205,10 +240,11 @@ where
         w.flush().await?;
         match step {
             Step::Continue => {}
+            // ABORT has been noted by the negotiation already.
+            Step::Close if h.option == opt::ABORT => return Err(End::Aborted),
             Step::Close => return Err(End::Closed),
             Step::Transmission => {
                 let (info, eflags) = neg.chosen.take().ok_or(End::Closed)?;
-                crate::debug!("newstyle negotiation: flags: export 0x{eflags:x}");
                 let mode = if neg.extended {
                     Mode::Extended
                 } else if neg.structured {
@@ -317,6 +353,14 @@ impl Exports for ConnExports {
 
     fn close(&mut self) {
         self.handle = None;
+    }
+
+    fn verbose(&self) -> bool {
+        log::verbose()
+    }
+
+    fn note(&mut self, msg: &str) {
+        log::debug(msg);
     }
 }
 

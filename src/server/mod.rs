@@ -101,6 +101,9 @@ fn start(cfg: Config) -> Result<i32, String> {
         }
     }
     crate::debug!("nbdkit {}", env!("CARGO_PKG_VERSION"));
+    if log::verbose() {
+        tls_decision(&cfg);
+    }
     log::set_debug_flags(
         cfg.debug_flags.iter().map(|(n, f, v)| (n.clone(), f.replace('.', "_"), *v)).collect(),
     );
@@ -122,13 +125,12 @@ fn start(cfg: Config) -> Result<i32, String> {
 
     let mut chain = Chain::new(&cfg.plugin, &cfg.filters)?;
     for (k, v) in &cfg.params {
-        crate::debug!("{}: config key={k}, value={v}", cfg.plugin);
         chain.config(k, v).map_err(|e| e.to_string())?;
     }
     chain.config_complete().map_err(|e| e.to_string())?;
+    crate::debug!("using thread model: {}", chain.thread_model().name());
     chain.get_ready().map_err(|e| e.to_string())?;
     let model = chain.thread_model();
-    crate::debug!("using thread model: {}", model.name());
     let chain: &'static Chain = Box::leak(Box::new(chain));
 
     // Keep the client's stdio for -s, and the original ones for --run.
@@ -140,6 +142,22 @@ fn start(cfg: Config) -> Result<i32, String> {
         None
     };
     let listeners = if cfg.single { None } else { Some(listen::bind(&cfg)?) };
+    if log::verbose() {
+        match &listeners {
+            Some(Listeners::Unix(_, path, _)) => log::debug(&format!("bound to unix socket {}", path.display())),
+            Some(Listeners::Tcp(l)) => log::debug(&format!(
+                "bound to IP address {}:{} ({} socket(s))",
+                cfg.ipaddr.as_deref().unwrap_or("<any>"),
+                cfg.port.as_deref().unwrap_or("10809"),
+                l.len()
+            )),
+            None => {}
+        }
+        match cfg.timeout.unwrap_or(connection::DEFAULT_TIMEOUT) {
+            t if t.is_zero() => log::debug("handshake timeout: disabled"),
+            t => log::debug(&format!("handshake timeout: {}s (--timeout)", t.as_secs_f64())),
+        }
+    }
     let unix_path = listeners.as_ref().and_then(Listeners::unix_path);
     let the_uri = uri::uri(&cfg, unix_path.as_deref());
     if cfg.print_uri {
@@ -236,6 +254,7 @@ fn start(cfg: Config) -> Result<i32, String> {
         std::thread::sleep(Duration::from_millis(10));
     }
     chain.cleanup();
+    chain.unload();
     Ok(match captive_status {
         Some(Ok(status)) => {
             use std::os::unix::process::ExitStatusExt;
@@ -244,6 +263,17 @@ fn start(cfg: Config) -> Result<i32, String> {
         Some(Err(e)) => return Err(format!("--run: wait: {e}")),
         None => 0,
     })
+}
+
+/// The TLS decision at start-up, as nbdkit's `-v` reports it.
+fn tls_decision(cfg: &Config) {
+    use crate::cli::TlsMode;
+    match cfg.tls {
+        TlsMode::Off if cfg.tls_on_cli => log::debug("TLS disabled: --tls=off"),
+        TlsMode::Off => log::debug("TLS disabled: could not load TLS certificates"),
+        TlsMode::On => log::debug("TLS enabled: clients may upgrade with NBD_OPT_STARTTLS (--tls=on)"),
+        TlsMode::Require => log::debug("TLS enabled: clients must upgrade with NBD_OPT_STARTTLS (--tls=require)"),
+    }
 }
 
 #[allow(unsafe_code)]
@@ -300,6 +330,7 @@ async fn accept_loop(shared: Arc<Shared>, l: Listeners, keepalive: bool) {
                 loop {
                     match listener.accept().await {
                         Ok((stream, _)) => {
+                            crate::debug!("accepted connection");
                             let s = streams(stream);
                             spawn(serve_counted(shared.clone(), s));
                         }
@@ -327,6 +358,7 @@ async fn accept_loop(shared: Arc<Shared>, l: Listeners, keepalive: bool) {
                 }
                 drop(tx);
                 while let Ok(stream) = rx.recv().await {
+                    crate::debug!("accepted connection");
                     let _ = stream.get_ref().set_nodelay(true);
                     if keepalive {
                         let _ = socket2::SockRef::from(stream.get_ref()).set_keepalive(true);

@@ -246,6 +246,9 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         ctx,
         _done: done_tx,
     });
+    if log::verbose() {
+        describe(&conn);
+    }
     LIVE.lock().unwrap_or_else(|e| e.into_inner()).push((id, read_fd));
     if shutdown::requested() {
         shutdown_fd(read_fd, libc::SHUT_RD);
@@ -255,8 +258,31 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
     let _ = done_rx.recv().await; // Err once every worker has dropped its Arc
 }
 
+/// What this server does beyond nbdkit for this connection (`-v`), in the
+/// style of nbdkit's "handshake complete" line.
+fn describe(conn: &Conn) {
+    let replies = match conn.mode {
+        Mode::Extended => "extended headers",
+        Mode::Structured => "structured replies",
+        Mode::Simple => "simple replies",
+    };
+    let inline = if conn.inline {
+        "requests run on the reading thread (the plugin never blocks)"
+    } else if conn.brief {
+        "quick writes run on the reading thread (the plugin's waits are brief)"
+    } else {
+        "requests run on worker threads"
+    };
+    log::debug(&format!(
+        "transmission: {replies}; worker threads start as needed, up to {}; {inline}; small replies batched{}",
+        conn.max_workers,
+        if conn.lend { "; reads sent from the plugin's memory" } else { "" }
+    ));
+}
+
 fn spawn_worker(conn: &Arc<Conn>) {
     let n = conn.workers.fetch_add(1, Ordering::AcqRel);
+    crate::debug!("starting worker thread {}.{n}", conn.name);
     let c = conn.clone();
     let spawned = std::thread::Builder::new().name(format!("{}.{n}", c.name)).spawn(move || worker(c));
     if spawned.is_err() {
@@ -451,6 +477,7 @@ fn worker(conn: Arc<Conn>) {
     }
     flush(&conn, &mut pending);
     conn.workers.fetch_sub(1, Ordering::AcqRel);
+    crate::debug!("exiting worker thread {}", std::thread::current().name().unwrap_or("?"));
 }
 
 /// After a quick request on a handle whose waits are brief ran on the
@@ -902,7 +929,12 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
     } else {
         r.read_exact(&mut hdr[..conn.hlen])
     };
-    if got.is_err() {
+    if let Err(e) = got {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            crate::debug!("client closed input socket, closing connection");
+        } else {
+            crate::debug!("read request: {e}, closing connection");
+        }
         return Next::Stop { hung_up: true };
     }
     let req = match Request::decode(&hdr[..conn.hlen], ext) {
