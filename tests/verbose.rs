@@ -135,9 +135,6 @@ fn kind(msg: &str, allow: Allow) -> Option<String> {
         m.starts_with("exiting worker thread "),
         // Asked once, before open, to open the canonical name.
         m.contains(": default_export "),
-        // Asked during open for every INFO/GO, right after the can_* calls.
-        m.ends_with(": block_size"),
-        m.ends_with(": export_description"),
         // The memory plugin reports block sizes here (as nbdkit ≥ 1.34).
         m.contains("NBD_INFO_BLOCK_SIZE: client requested but no plugin"),
         // This server's own lines: 1.44's layer summary, the handshake

@@ -60,6 +60,12 @@ pub trait Exports {
     fn open(&mut self, name: &str) -> Result<ExportInfo, String>;
     /// Close what `open` opened (after INFO).
     fn close(&mut self);
+    /// Completes the `NBD_INFO_*` item `what` (block size, description)
+    /// of the export `open` opened, when the client asks for it: asked
+    /// then, as nbdkit asks. The default keeps what `open` returned.
+    fn details(&mut self, _info: &mut ExportInfo, _what: u16) -> Result<(), String> {
+        Ok(())
+    }
     /// True if [`Exports::note`] wants the debug lines (`-v`): they are
     /// not even formatted otherwise.
     fn verbose(&self) -> bool {
@@ -348,7 +354,7 @@ impl Negotiation {
         };
         let name_str = String::from_utf8_lossy(name);
         note!(ex, "newstyle negotiation: {}: client requested export '{name_str}'", Named::opt(option));
-        let info = match ex.open(&name_str) {
+        let mut info = match ex.open(&name_str) {
             Ok(i) => i,
             Err(msg) => {
                 reply(ex, out, option, rep::ERR_UNKNOWN, clip(msg.as_bytes()));
@@ -357,21 +363,27 @@ impl Negotiation {
         };
         let eflags = self.eflags(&info.caps);
         note!(ex, "newstyle negotiation: flags: export 0x{eflags:x}");
-        if ex.verbose() {
-            // nbdkit's notes about the information requests, in the client's order.
-            for t in infos.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])) {
-                let o = Named::opt(option);
-                match t {
-                    info::EXPORT | info::NAME => {}
-                    info::DESCRIPTION if info.description.is_none() => {
-                        ex.note(&format!("newstyle negotiation: {o}: NBD_INFO_DESCRIPTION: no description to send"));
+        // The information requests, in the client's order (each type once).
+        let mut seen = [false; 4];
+        for t in infos.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])) {
+            let o = Named::opt(option);
+            match t {
+                info::DESCRIPTION | info::BLOCK_SIZE if !seen[t as usize] => {
+                    seen[t as usize] = true;
+                    if let Err(msg) = ex.details(&mut info, t) {
+                        ex.close();
+                        reply(ex, out, option, rep::ERR_UNKNOWN, clip(msg.as_bytes()));
+                        return Step::Continue;
                     }
-                    info::BLOCK_SIZE if info.block_size.is_none() => ex.note(&format!(
-                        "newstyle negotiation: {o}: NBD_INFO_BLOCK_SIZE: client requested but no plugin or filter provided block size information, ignoring client request"
-                    )),
-                    info::DESCRIPTION | info::BLOCK_SIZE => {}
-                    _ => ex.note(&format!("newstyle negotiation: {o}: ignoring NBD_INFO_* request {t} (unknown)")),
+                    if t == info::DESCRIPTION && info.description.is_none() {
+                        note!(ex, "newstyle negotiation: {o}: NBD_INFO_DESCRIPTION: no description to send");
+                    }
+                    if t == info::BLOCK_SIZE && info.block_size.is_none() {
+                        note!(ex, "newstyle negotiation: {o}: NBD_INFO_BLOCK_SIZE: client requested but no plugin or filter provided block size information, ignoring client request");
+                    }
                 }
+                info::EXPORT | info::NAME | info::DESCRIPTION | info::BLOCK_SIZE => {}
+                _ => note!(ex, "newstyle negotiation: {o}: ignoring NBD_INFO_* request {t} (unknown)"),
             }
         }
         let mut p = Vec::with_capacity(12);
@@ -681,6 +693,67 @@ mod tests {
         assert_eq!(n.intake(0x1234, 10), Intake::Discard); // H07
         assert_eq!(n.intake(opt::GO, 100), Intake::Buffer);
         assert_eq!(n.intake(opt::SET_META_CONTEXT, 2 << 20), Intake::Close);
+    }
+
+    /// Records the notes, as a `-v` driver prints them.
+    struct Noted(Fake, Vec<String>, bool);
+
+    impl Exports for Noted {
+        fn list(&mut self) -> Result<Vec<Export>, String> {
+            self.1.push("(list)".into());
+            self.0.list()
+        }
+        fn open(&mut self, name: &str) -> Result<ExportInfo, String> {
+            self.1.push("(open)".into());
+            self.0.open(name)
+        }
+        fn close(&mut self) {
+            self.1.push("(close)".into());
+            self.0.close()
+        }
+        fn verbose(&self) -> bool {
+            self.2
+        }
+        fn note(&mut self, msg: &str) {
+            self.1.push(msg.into());
+        }
+    }
+
+    #[test]
+    fn notes_follow_nbdkits_wording_and_order() {
+        let (mut n, _) = neg();
+        let mut ex = Noted(Fake { opens: 0, open: false }, Vec::new(), true);
+        let mut out = Vec::new();
+        n.handle(0x1234, Payload::Bytes(b"xy"), &mut ex, &mut out);
+        n.handle(opt::STRUCTURED_REPLY, Payload::Bytes(b""), &mut ex, &mut out);
+        n.handle(opt::INFO, Payload::Bytes(&go_payload(b"", &[info::BLOCK_SIZE, info::DESCRIPTION])), &mut ex, &mut out);
+        n.handle(opt::ABORT, Payload::Bytes(b""), &mut ex, &mut out);
+        assert_eq!(
+            ex.1,
+            [
+                "replying to unknown (0x1234) with NBD_REP_ERR_UNSUP",
+                "newstyle negotiation: NBD_OPT_STRUCTURED_REPLY: client requested structured replies",
+                "replying to NBD_OPT_STRUCTURED_REPLY with NBD_REP_ACK",
+                "newstyle negotiation: NBD_OPT_INFO: client requested export ''",
+                "(open)",
+                "newstyle negotiation: flags: export 0x85",
+                "newstyle negotiation: NBD_OPT_INFO: NBD_INFO_DESCRIPTION: no description to send",
+                "replying to NBD_OPT_INFO with NBD_REP_ACK",
+                "(close)",
+                "replying to NBD_OPT_ABORT with NBD_REP_ACK",
+                "client sent NBD_OPT_ABORT to abort the connection",
+            ]
+        );
+        // Not verbose: the same replies, no note formatted.
+        let (mut n, _) = neg();
+        let mut quiet = Noted(Fake { opens: 0, open: false }, Vec::new(), false);
+        let mut out2 = Vec::new();
+        n.handle(0x1234, Payload::Bytes(b"xy"), &mut quiet, &mut out2);
+        n.handle(opt::STRUCTURED_REPLY, Payload::Bytes(b""), &mut quiet, &mut out2);
+        n.handle(opt::INFO, Payload::Bytes(&go_payload(b"", &[info::BLOCK_SIZE, info::DESCRIPTION])), &mut quiet, &mut out2);
+        n.handle(opt::ABORT, Payload::Bytes(b""), &mut quiet, &mut out2);
+        assert_eq!(quiet.1, ["(open)", "(close)"]);
+        assert_eq!(out, out2);
     }
 
     proptest! {

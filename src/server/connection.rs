@@ -343,8 +343,9 @@ impl Exports for ConnExports {
         let info = ExportInfo {
             size: h.size().map_err(fail)?,
             caps: h.caps().map_err(fail)?,
-            block_size: h.block_size().map_err(fail)?,
-            description: h.export_description(),
+            // Asked when the client requests them (`details`).
+            block_size: None,
+            description: None,
             name: canonical,
         };
         self.handle = Some(h);
@@ -353,6 +354,21 @@ impl Exports for ConnExports {
 
     fn close(&mut self) {
         self.handle = None;
+    }
+
+    fn details(&mut self, info: &mut ExportInfo, what: u16) -> Result<(), String> {
+        let Some(h) = &self.handle else { return Ok(()) };
+        match what {
+            crate::proto::wire::info::BLOCK_SIZE => {
+                info.block_size = h.block_size().map_err(|e| {
+                    log::error(e.message());
+                    e.message().to_string()
+                })?;
+            }
+            crate::proto::wire::info::DESCRIPTION => info.description = h.export_description(),
+            _ => {}
+        }
+        Ok(())
     }
 
     fn verbose(&self) -> bool {
