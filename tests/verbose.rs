@@ -56,8 +56,10 @@ impl Verbose {
             .spawn()
             .expect("cannot run nbdkit");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "{} did not create its socket", bin.display());
+        // Listening once the layers' after_fork has run (a test connection
+        // would show up in the log).
+        while !sock.exists() || !std::fs::read_to_string(&log).unwrap_or_default().contains(": after_fork") {
+            assert!(Instant::now() < deadline, "{} did not start listening", bin.display());
             std::thread::sleep(Duration::from_millis(10));
         }
         Verbose { child, sock, log, _dir: dir }
@@ -347,6 +349,15 @@ fn raw_client_unknown_options() {
 fn failed(opts: &[&str], client: impl Fn(&Verbose)) -> Vec<String> {
     let srv = Verbose::start(&nbdkit_bin(), opts, &["memory", "1M"]);
     client(&srv);
+    // Wait for the connection's end to be told (a loaded machine is slow).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let log = std::fs::read_to_string(&srv.log).unwrap_or_default();
+        if log.contains("debug: handshake: ") || log.contains("to abort the connection") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     messages(&srv.finish())
 }
 

@@ -314,11 +314,19 @@ impl Negotiation {
         if !self.no_zeroes {
             out.resize(out.len() + 124, 0);
         }
-        self.finish(name.as_bytes(), info, eflags);
+        self.finish(name.as_bytes(), info, eflags, ex);
         Step::Transmission
     }
 
-    fn finish(&mut self, name: &[u8], info: ExportInfo, eflags: u16) {
+    fn finish(&mut self, name: &[u8], info: ExportInfo, eflags: u16, ex: &mut dyn Exports) {
+        if let Some((n, _)) = self.meta.as_ref().filter(|(n, _)| n.as_slice() != name) {
+            note!(
+                ex,
+                "newstyle negotiation: NBD_OPT_SET_META_CONTEXT export name \"{}\" ≠ final client exportname \"{}\", so discarding the previous context",
+                String::from_utf8_lossy(n),
+                String::from_utf8_lossy(name)
+            );
+        }
         self.base_allocation = (self.structured || self.extended)
             && matches!(&self.meta, Some((n, true)) if n.as_slice() == name);
         self.chosen = Some((info, eflags));
@@ -418,7 +426,7 @@ impl Negotiation {
             ex.close();
             return Step::Continue;
         }
-        self.finish(name, info, eflags);
+        self.finish(name, info, eflags, ex);
         Step::Transmission
     }
 

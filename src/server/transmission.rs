@@ -930,7 +930,9 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
         r.read_exact(&mut hdr[..conn.hlen])
     };
     if let Err(e) = got {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        if shutdown::requested() {
+            crate::debug!("server is shutting down, closing connection");
+        } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
             crate::debug!("client closed input socket, closing connection");
         } else {
             crate::debug!("read request: {e}, closing connection");
