@@ -58,8 +58,12 @@ impl Chain {
     /// filters from the innermost): only a debug line here, the layers are
     /// built in and live until exit.
     pub fn unload(&self) {
+        // (nbdkit prints these under the controlpath flag.)
+        if !log::trace_controlpath() {
+            return;
+        }
         for (name, plugin) in self.layer_names().rev() {
-            crate::debug!("{name}: unload {}", if plugin { "plugin" } else { "filter" });
+            log::debug(&format!("{name}: unload {}", if plugin { "plugin" } else { "filter" }));
         }
     }
 
@@ -190,9 +194,7 @@ impl Layer<'_> {
 
 impl Next for Layer<'_> {
     fn preconnect(&self, readonly: bool) -> Result<()> {
-        if log::trace_controlpath() {
-            log::debug(&format!("{}: preconnect", self.name()));
-        }
+        crate::debug!("{}: preconnect", self.name()); // (not a controlpath line in nbdkit)
         match self.filter() {
             Some(f) => f.preconnect(&self.below(), readonly),
             None => self.chain.plugin.preconnect(readonly),

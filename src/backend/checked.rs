@@ -50,14 +50,14 @@ impl Checked {
         }
         let caps = caps.normalized();
         if control {
-            // One call asks them all; the lines are nbdkit's, in its order,
-            // without those it skips (no write: no trim, zero, FUA).
+            // One call asks them all; the lines are nbdkit's, in its order
+            // (under -r it does not ask can_write).
             for (c, asked) in [
-                ("can_write", true),
-                ("can_zero", caps.write),
-                ("can_fast_zero", caps.zero != Support::None),
-                ("can_trim", caps.write),
-                ("can_fua", caps.write),
+                ("can_write", !readonly),
+                ("can_zero", true),
+                ("can_fast_zero", true),
+                ("can_trim", true),
+                ("can_fua", true),
                 ("can_flush", true),
                 ("is_rotational", true),
                 ("can_multi_conn", true),
