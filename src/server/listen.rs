@@ -17,6 +17,9 @@ pub enum Listeners {
     Tcp(Vec<std::net::TcpListener>),
     /// A Unix socket; the private directory of `-U -` goes with it.
     Unix(UnixListener, PathBuf, Option<PrivateDir>),
+    /// Listening sockets of any family, accepted from alike: those
+    /// systemd passed (socket activation), or a vsock socket.
+    Sockets(Vec<Socket>),
 }
 
 impl Listeners {
@@ -24,7 +27,7 @@ impl Listeners {
     pub fn unix_path(&self) -> Option<String> {
         match self {
             Listeners::Unix(_, p, _) => Some(p.to_string_lossy().into_owned()),
-            Listeners::Tcp(_) => None,
+            Listeners::Tcp(_) | Listeners::Sockets(_) => None,
         }
     }
 }

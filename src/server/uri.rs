@@ -34,10 +34,10 @@ pub fn shell_quote(s: &str) -> String {
     out
 }
 
-/// The server's URI; `None` in `-s` mode. `unix_path` is the socket
+/// The server's URI; `None` in `-s` mode and under socket activation. `unix_path` is the socket
 /// actually bound (for `-U -`, the private one).
 pub fn uri(cfg: &Config, unix_path: Option<&str>) -> Option<String> {
-    if cfg.single {
+    if cfg.single || cfg.socket_activation > 0 {
         return None;
     }
     let tls = cfg.tls == TlsMode::Require;
