@@ -108,6 +108,7 @@ fn start(cfg: Config) -> Result<i32, String> {
     let flag = |name: &str| {
         cfg.debug_flags.iter().rev().find(|(n, f, _)| n == "nbdkit" && f.replace('.', "_") == name).map(|f| f.2 != 0)
     };
+    log::set_tls_log(log::debug_flag("nbdkit", "tls_log"));
     log::set_backend_trace(
         flag("backend_datapath").unwrap_or(true),
         flag("backend_controlpath").unwrap_or(true),
