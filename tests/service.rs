@@ -248,3 +248,130 @@ fn unknown_user_or_group_is_one_line_and_exit_1() {
     assert_eq!(st.code(), Some(1));
     assert_eq!(err, "nbdkit: -g option: no-such-group-x is not a valid group name or gid\n");
 }
+
+// ---------------------------------------------------------------------------
+// --vsock, --swap, --selinux-label
+
+/// Binds a vsock stream socket on every CID at `port` (what the server
+/// does), to see whether the port is taken.
+fn vsock_bind(port: u32) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM, None)?;
+    s.bind(&socket2::SockAddr::vsock(libc::VMADDR_CID_ANY, port))?;
+    s.listen(1)?;
+    Ok(s)
+}
+
+/// A vsock port nobody listens on now.
+fn free_vsock_port() -> Option<u32> {
+    (0..50).map(|i| 20000 + (std::process::id() % 20000) + i * 7).find(|p| vsock_bind(*p).is_ok())
+}
+
+#[test]
+fn vsock_listens_and_gives_nbd_vsock_uris() {
+    // No AF_VSOCK at all here: the server must say so at start-up.
+    if socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM, None).is_err() {
+        let (st, _, err) = run_for(nbdkit(&["-f", "--vsock", "null"]), 10.0);
+        assert_eq!(st.code(), Some(1));
+        assert!(err.starts_with("nbdkit: error: --vsock: socket: "), "{err}");
+        return;
+    }
+    let port = free_vsock_port().expect("no free vsock port");
+    let p = port.to_string();
+    let dir = TempDir::new("vs");
+    let mut c = nbdkit(&["-f", "-v", "--vsock", "-p", &p, "--print-uri", "-e", "a b", "null"]);
+    c.stdout(Stdio::piped()).stderr(std::fs::File::create(dir.path("err")).unwrap());
+    let mut child = c.spawn().unwrap();
+    let lines = read_lines(child.stdout.take().unwrap(), 4, 20);
+    let mut g = Guard(child);
+    let err = read(&dir.path("err"));
+    if err.contains("no vsock transport") {
+        // vsock without a transport: a clear error, and exit 1.
+        assert_eq!(g.wait_exit(10.0).and_then(|s| s.code()), Some(1), "{err}");
+        return;
+    }
+    assert_eq!(lines[0], format!("nbd+vsock://1:{port}/a%20b"));
+    assert_eq!(lines[3], format!("  nbdinfo \"nbd+vsock://1:{port}/a%20b\""));
+    assert!(err.contains(&format!("nbdkit: debug: bound to vsock any:{port}\n")), "{err}");
+    // The server holds the port (no vsock loopback transport here to
+    // connect through: binding it is how we see the listener).
+    assert_eq!(vsock_bind(port).unwrap_err().raw_os_error(), Some(libc::EADDRINUSE));
+    assert!(g.alive());
+    // A second server on the same port: one clear line.
+    let (st, _, err) = run_for(nbdkit(&["-f", "--vsock", "-p", &p, "null"]), 10.0);
+    assert_eq!(st.code(), Some(1));
+    assert_eq!(err, format!("nbdkit: error: --vsock: bind: port {port}: Address already in use\n"));
+    kill("TERM", g.pid());
+    assert_eq!(g.wait_exit(10.0).and_then(|s| s.code()), Some(0));
+    assert!(vsock_bind(port).is_ok(), "port still taken after exit");
+
+    // --run sees the vsock URI and the port; without -p the URI has none.
+    let (st, out, _) = run_for(nbdkit(&["--vsock", "-p", &p, "--run", "echo $uri $port; echo u=$unixsocket", "null"]), 20.0);
+    assert!(st.success());
+    assert_eq!(out, format!("nbd+vsock://1:{port} {port}\nu=\n"));
+    // The port must be a number.
+    let (st, _, err) = run_for(nbdkit(&["-f", "--vsock", "-p", "nbd", "null"]), 10.0);
+    assert_eq!(st.code(), Some(1));
+    assert_eq!(err, "nbdkit: error: port: could not parse number: \"nbd\": Invalid argument\n");
+}
+
+#[test]
+fn vsock_conflicts_with_unix_and_stdin() {
+    for args in [&["--vsock", "-U", "-", "null"][..], &["--vsock", "-s", "null"]] {
+        let (st, _, err) = run_for(nbdkit(args), 10.0);
+        assert_eq!(st.code(), Some(1));
+        assert_eq!(err, "nbdkit: --dump-plugin, -p, --run, -s, -U or --vsock options cannot be used in this combination\n");
+    }
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = st.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn swap_locks_all_memory_or_says_why_not() {
+    require!("setpriv", "--version");
+    require!("prlimit", "--version");
+    let dir = TempDir::new("sw");
+    let sock = dir.path("sock");
+    // Without the right to lock memory (no CAP_IPC_LOCK, RLIMIT_MEMLOCK 0).
+    let mut c = Command::new("prlimit");
+    c.args(["--memlock=0:0", "setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock"]);
+    c.arg(nbdkit_bin()).args(["-f", "--swap", "-U", s(&sock), "null"]);
+    let (st, _, err) = run_for(c, 10.0);
+    assert_eq!(st.code(), Some(1));
+    assert!(err == "nbdkit: --swap: mlockall: Operation not permitted\n"
+            || err == "nbdkit: --swap: mlockall: Cannot allocate memory\n", "{err}");
+    assert!(!sock.exists(), "bound before locking memory");
+    // With it (root has it; a user may have a big enough RLIMIT_MEMLOCK).
+    if euid() == 0 {
+        let mut g = Guard::spawn(nbdkit(&["-f", "--swap", "-U", s(&sock), "memory", "1M"]));
+        wait_unix(&mut g, &sock);
+        let (lck, rss) = (status_kb(g.pid(), "VmLck:"), status_kb(g.pid(), "VmRSS:"));
+        assert!(lck > 0 && lck >= rss / 2, "VmLck {lck} kB, VmRSS {rss} kB");
+        let out = run_ok("nbdinfo", &["--size", &unix_uri(&sock)]);
+        assert_eq!(out.trim(), "1048576");
+    }
+}
+
+#[test]
+fn selinux_label_needs_selinux() {
+    let dir = TempDir::new("se");
+    let sock = dir.path("sock");
+    let args = ["-f", "--selinux-label=system_u:object_r:svirt_socket_t:s0", "-U", s(&sock), "null"];
+    if Path::new("/sys/fs/selinux").exists() {
+        // An SELinux machine: the label is applied and the server runs.
+        let mut g = Guard::spawn(nbdkit(&args));
+        wait_unix(&mut g, &sock);
+        return;
+    }
+    let (st, _, err) = run_for(nbdkit(&args), 10.0);
+    assert_eq!(st.code(), Some(1));
+    assert_eq!(
+        err,
+        "nbdkit: error: --selinux-label: SELinux is not enabled on this machine \
+         (/proc/thread-self/attr/sockcreate: Invalid argument)\n"
+    );
+    assert!(!sock.exists());
+}

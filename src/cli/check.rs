@@ -134,13 +134,7 @@ fn warn_unused_debug_flags(err: &mut dyn Write, flags: &[(String, String, i64)],
 /// Options that parse but whose feature is not in this build yet.
 fn not_supported_yet(cfg: &Config, activation: bool) -> Result<(), Stop> {
     let _ = activation;
-    let what = if cfg.vsock {
-        "--vsock"
-    } else if cfg.swap {
-        "--swap"
-    } else if cfg.selinux_label.is_some() {
-        "--selinux-label"
-    } else if cfg.tls == TlsMode::On {
+    let what = if cfg.tls == TlsMode::On {
         "--tls=on"
     } else if cfg.tls == TlsMode::Require {
         "--tls=require"

@@ -1,5 +1,5 @@
-//! Listening sockets: TCP (`-i`, `-p`, `-4`, `-6`) and Unix (`-U`,
-//! `-U -`), bound before forking so errors reach the terminal.
+//! Listening sockets: TCP (`-i`, `-p`, `-4`, `-6`), Unix (`-U`,
+//! `-U -`) and vsock, bound before forking so errors reach the terminal.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -47,6 +47,9 @@ pub fn bind(cfg: &Config) -> Result<Listeners, String> {
         }
         let l = UnixListener::bind(&path).map_err(|e| format!("bind: {}: {}", path.display(), strip(e)))?;
         return Ok(Listeners::Unix(l, path, private));
+    }
+    if cfg.vsock {
+        return super::service::bind_vsock(cfg.port.as_deref()).map(|s| Listeners::Sockets(vec![s]));
     }
     let port_str = cfg.port.as_deref().unwrap_or("10809");
     let port: u16 = match port_str.parse() {

@@ -141,13 +141,20 @@ fn start(cfg: Config) -> Result<i32, String> {
     } else {
         None
     };
+    if cfg.swap {
+        if let Err(service::Fail::Plain(m) | service::Fail::Error(m)) = service::lock_memory() {
+            eprintln!("{m}");
+            return Ok(1);
+        }
+        crate::debug!("--swap: all memory locked");
+    }
     let listeners = if cfg.single {
         None
     } else if cfg.socket_activation > 0 {
         crate::debug!("using socket activation, nr_socks = {}", cfg.socket_activation);
         Some(Listeners::Sockets(service::activation_sockets(cfg.socket_activation)))
     } else {
-        Some(listen::bind(&cfg)?)
+        Some(service::labelled(cfg.selinux_label.as_deref(), || listen::bind(&cfg))?)
     };
     let unix_path = listeners.as_ref().and_then(Listeners::unix_path);
     let the_uri = uri::uri(&cfg, unix_path.as_deref());

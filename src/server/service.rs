@@ -174,17 +174,132 @@ pub fn change_user(user: Option<&str>, group: Option<&str>) -> Result<Vec<String
 
 /// `--swap`: lock every page, now and later, into RAM (the export may be
 /// the machine's swap device, which a paged-out server would deadlock).
-pub fn lock_memory() -> Result<(), String> {
+/// nbdkit's message on failure is a plain line.
+pub fn lock_memory() -> Result<(), Fail> {
     // SAFETY: flags only.
     if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } == -1 {
-        return Err(format!("mlockall: {}", strip_os_suffix(&io::Error::last_os_error())));
+        return Err(Fail::Plain(format!("nbdkit: --swap: mlockall: {}", strip_os_suffix(&io::Error::last_os_error()))));
     }
     Ok(())
+}
+
+/// `--vsock`: a stream socket listening on every CID (`VMADDR_CID_ANY`)
+/// at PORT (`-p`, a uint32, default 10809). Where the kernel has vsock but
+/// no transport (no virtio-vsock/vmci/hyper-v guest driver, no vhost host
+/// side, no `vsock_loopback`), binding works but no client can ever
+/// connect: that is a start-up error too.
+pub fn bind_vsock(port: Option<&str>) -> Result<socket2::Socket, String> {
+    let port = match port {
+        None => 10809,
+        Some(p) => crate::util::parse::parse_unsigned("port", p, u32::MAX.into()).map_err(|e| e.message().to_string())?
+            as u32,
+    };
+    let s = socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM.cloexec(), None).map_err(|e| {
+        format!("--vsock: socket: {} (this kernel has no AF_VSOCK support)", strip_os_suffix(&e))
+    })?;
+    if let Some(why) = no_vsock_transport() {
+        return Err(format!("--vsock: {why}"));
+    }
+    s.bind(&socket2::SockAddr::vsock(libc::VMADDR_CID_ANY, port))
+        .map_err(|e| format!("--vsock: bind: port {port}: {}", strip_os_suffix(&e)))?;
+    s.listen(libc::SOMAXCONN).map_err(|e| format!("--vsock: listen: {}", strip_os_suffix(&e)))?;
+    crate::debug!("bound to vsock any:{port}");
+    Ok(s)
+}
+
+/// Asks /dev/vsock for this machine's CID (`IOCTL_VM_SOCKETS_GET_LOCAL_CID`):
+/// `VMADDR_CID_ANY` back means no transport is loaded. None when there is a
+/// transport, or when /dev/vsock cannot be asked (not root: then binding
+/// is the only check, as in nbdkit).
+fn no_vsock_transport() -> Option<String> {
+    const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+    let f = std::fs::File::open("/dev/vsock").ok()?;
+    let mut cid: u32 = 0;
+    // SAFETY: the ioctl writes one u32 to a valid pointer.
+    let r = unsafe {
+        libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), IOCTL_VM_SOCKETS_GET_LOCAL_CID as _, &mut cid as *mut u32)
+    };
+    (r == 0 && cid == libc::VMADDR_CID_ANY).then(|| {
+        "no vsock transport on this machine (load vsock_loopback, or run in a VM with virtio-vsock)".to_string()
+    })
+}
+
+/// Where `--selinux-label` goes: the calling thread's socket-creation
+/// context (what libselinux's `setsockcreatecon_raw` writes).
+const SOCKCREATE: &str = "/proc/thread-self/attr/sockcreate";
+
+/// `--selinux-label`: runs `bind` with LABEL as this thread's context for
+/// new sockets, then resets it, as nbdkit does around its listening
+/// sockets. No libselinux: `set` writes the label (with its NUL, as
+/// libselinux does) to the attribute, and clears it with an empty write.
+pub fn with_socket_label<T>(
+    label: &str,
+    mut set: impl FnMut(&[u8]) -> io::Result<()>,
+    bind: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let mut v = label.as_bytes().to_vec();
+    v.push(0);
+    if let Err(e) = set(&v) {
+        let why = strip_os_suffix(&e);
+        if !std::path::Path::new("/sys/fs/selinux").exists() {
+            return Err(format!("--selinux-label: SELinux is not enabled on this machine ({SOCKCREATE}: {why})"));
+        }
+        return Err(format!("--selinux-label: setsockcreatecon_raw: {label}: {why}"));
+    }
+    let r = bind();
+    if let Err(e) = set(&[]) {
+        return Err(format!("--selinux-label: setsockcreatecon_raw: NULL: {}", strip_os_suffix(&e)));
+    }
+    r
+}
+
+fn write_attr(v: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(SOCKCREATE)?;
+    // One write: the kernel takes the attribute from a single call.
+    let n = f.write(v)?;
+    if n != v.len() {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
+}
+
+/// [`with_socket_label`] on this thread's real attribute.
+pub fn labelled<T>(label: Option<&str>, bind: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match label {
+        Some(l) => with_socket_label(l, write_attr, bind),
+        None => bind(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_label_is_set_for_the_bind_then_cleared() {
+        let writes = std::cell::RefCell::new(Vec::new());
+        let set = |v: &[u8]| {
+            writes.borrow_mut().push(v.to_vec());
+            Ok(())
+        };
+        let seen = with_socket_label("system_u:object_r:svirt_socket_t:s0", set, || Ok(writes.borrow().len())).unwrap();
+        assert_eq!(seen, 1, "bind runs between the two writes");
+        assert_eq!(*writes.borrow(), [b"system_u:object_r:svirt_socket_t:s0\0".to_vec(), Vec::new()]);
+        // Cleared even when the bind fails.
+        writes.borrow_mut().clear();
+        let set = |v: &[u8]| {
+            writes.borrow_mut().push(v.to_vec());
+            Ok(())
+        };
+        let r: Result<(), String> = with_socket_label("x", set, || Err("bind failed".into()));
+        assert_eq!(r.unwrap_err(), "bind failed");
+        assert_eq!(writes.borrow().len(), 2);
+        // A refused label: nothing is bound.
+        let set = |_: &[u8]| Err(io::Error::from_raw_os_error(libc::EINVAL));
+        let e = with_socket_label("x", set, || -> Result<(), String> { panic!("bound") }).unwrap_err();
+        assert!(e.starts_with("--selinux-label: "), "{e}");
+    }
 
     #[test]
     fn scan_int_is_sscanf_percent_d() {
