@@ -200,6 +200,10 @@ pub fn error_fmt(args: fmt::Arguments<'_>) {
 
 #[allow(unsafe_code)]
 fn syslog(msg: &str) {
+    static OPEN: std::sync::Once = std::sync::Once::new();
+    // SAFETY: the ident is a static NUL-terminated string, as openlog
+    // keeps the pointer (nbdkit: the program name, with the PID).
+    OPEN.call_once(|| unsafe { libc::openlog(c"nbdkit".as_ptr(), libc::LOG_PID, libc::LOG_USER) });
     let Ok(c) = std::ffi::CString::new(msg.replace('\0', " ")) else { return };
     // SAFETY: "%s" with one valid NUL-terminated string argument.
     unsafe { libc::syslog(libc::LOG_ERR, c"%s".as_ptr(), c.as_ptr()) };
