@@ -78,7 +78,9 @@ fn socket_activation_over_tcp_and_clean_exit_on_sigterm() {
     let dir = TempDir::new("sat");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut g = activate(&dir, &[&addr], &["null", "1M"]);
+    // As root, also drop to nobody: the sockets came ready-made.
+    let args: &[&str] = if euid() == 0 { &["-u", "nobody", "-g", "nogroup", "null", "1M"] } else { &["null", "1M"] };
+    let mut g = activate(&dir, &[&addr], args);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::net::TcpStream::connect(&addr).is_err() {
         assert!(g.alive() && std::time::Instant::now() < deadline, "never listened on {addr}");
@@ -86,6 +88,10 @@ fn socket_activation_over_tcp_and_clean_exit_on_sigterm() {
     }
     let uri = format!("nbd://{addr}");
     assert_eq!(run_ok("nbdinfo", &["--size", &uri]).trim(), "1048576");
+    if euid() == 0 {
+        assert_eq!(ids(g.pid()).0, "65534 65534 65534 65534");
+        assert_eq!(run_ok("nbdinfo", &["--size", &uri]).trim(), "1048576");
+    }
     kill("TERM", g.pid());
     let st = g.wait_exit(10.0).expect("still running 10 s after SIGTERM");
     assert_eq!(st.code(), Some(0), "{}", read(&dir.path("err")));

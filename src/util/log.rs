@@ -91,6 +91,12 @@ pub fn verbose() -> bool {
     VERBOSE.load(Ordering::Relaxed)
 }
 
+/// `-v` with `-D nbdkit.tls.session=1`: print each TLS session's details
+/// (version, cipher suite, peer certificate) once the handshake is done.
+pub fn tls_session() -> bool {
+    verbose() && debug_flag("nbdkit", "tls_session") != 0
+}
+
 /// Choose the error destination once, at start-up.
 pub fn set_dest(d: Dest) {
     let _ = DEST.set(d);
