@@ -142,28 +142,38 @@ fn socket_activation_errors_as_nbdkit() {
 
 #[test]
 fn socket_activation_variables_do_not_reach_children() {
-    // The sh plugin is not here; the environment a --run command would
-    // see is what the server keeps, so look at the variables through
-    // -D nbdkit.environ=1, printed after the command line is read.
-    let (st, _, err) = {
-        let dir = TempDir::new("sae");
-        let l = std::os::unix::net::UnixListener::bind(dir.path("sock")).unwrap();
-        let script = format!(
-            "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=nbd exec {} -v -D nbdkit.environ=1 --exit-with-parent null 3<&0",
-            nbdkit_bin().display()
-        );
-        let mut c = Command::new("sh");
-        c.args(["-c", &script]).stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)));
-        let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        kill("TERM", child.id());
-        let st = wait_child(&mut child, 10.0).expect("no exit after SIGTERM");
-        let mut err = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-        (st, String::new(), err)
-    };
-    assert_eq!(st.code(), Some(0), "{err}");
-    assert!(err.contains("debug: PATH="), "{err}");
+    // No plugin here runs children; what a child would inherit is the
+    // server's environment, which -D nbdkit.environ=1 prints (after the
+    // command line is read, before the sockets are taken).
+    let dir = TempDir::new("sae");
+    let l = std::os::unix::net::UnixListener::bind(dir.path("sock")).unwrap();
+    let script = format!(
+        "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=nbd exec {} -v -D nbdkit.environ=1 null 3<&0",
+        nbdkit_bin().display()
+    );
+    let mut c = Command::new("sh");
+    c.args(["-c", &script]).stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)));
+    let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut g = Guard(child);
+    // Read up to the line that follows the environment.
+    let mut lines = Vec::new();
+    let mut r = std::io::BufReader::new(stderr);
+    loop {
+        let mut l = String::new();
+        assert!(std::io::BufRead::read_line(&mut r, &mut l).unwrap() > 0, "stderr ended: {lines:?}");
+        let done = l.contains("using socket activation, nr_socks = 1");
+        lines.push(l);
+        if done {
+            break;
+        }
+    }
+    // Served: the signal handlers are in place by now.
+    assert_eq!(run_ok("nbdinfo", &["--size", &unix_uri(&dir.path("sock"))]).trim(), "0");
+    kill("TERM", g.pid());
+    assert_eq!(g.wait_exit(10.0).and_then(|s| s.code()), Some(0));
+    let err = lines.concat();
+    assert!(err.contains("nbdkit: debug: PATH="), "{err}");
     assert!(!err.contains("LISTEN_"), "{err}");
 }
 
@@ -235,13 +245,16 @@ fn user_alone_takes_the_users_primary_group_and_numbers_work() {
     let sock = dir.path("sock");
     let mut g = Guard::spawn(nbdkit(&["-f", "-u", "nobody", "-U", s(&sock), "memory", "1M"]));
     wait_unix(&mut g, &sock);
-    assert_eq!(ids(g.pid()), ("65534 65534 65534 65534".into(), "65534 65534 65534 65534".into(), "65534".into()));
+    // The socket listens before the privileges go (nbdkit's order); a
+    // connection is served only after: ask /proc once one has been.
     assert_eq!(run_ok("nbdinfo", &["--size", &unix_uri(&sock)]).trim(), "1048576");
+    assert_eq!(ids(g.pid()), ("65534 65534 65534 65534".into(), "65534 65534 65534 65534".into(), "65534".into()));
     drop(g);
     // Numeric ids with no passwd entry.
     let sock2 = dir.path("sock2");
     let mut g = Guard::spawn(nbdkit(&["-f", "-u", "4242", "-g", "4343", "-U", s(&sock2), "null"]));
     wait_unix(&mut g, &sock2);
+    assert_eq!(run_ok("nbdinfo", &["--size", &unix_uri(&sock2)]).trim(), "0");
     assert_eq!(ids(g.pid()), ("4242 4242 4242 4242".into(), "4343 4343 4343 4343".into(), "4343".into()));
 }
 
@@ -308,6 +321,7 @@ fn vsock_listens_and_gives_nbd_vsock_uris() {
     // strerror(EADDRINUSE): glibc "Address already in use", musl "Address in use".
     let want = format!("nbdkit: error: --vsock: bind: port {port}: Address ");
     assert!(err.starts_with(&want) && err.ends_with(" in use\n") && err.lines().count() == 1, "{err}");
+    wait_sigterm_caught(g.pid());
     kill("TERM", g.pid());
     assert_eq!(g.wait_exit(10.0).and_then(|s| s.code()), Some(0));
     assert!(vsock_bind(port).is_ok(), "port still taken after exit");
@@ -320,6 +334,21 @@ fn vsock_listens_and_gives_nbd_vsock_uris() {
     let (st, _, err) = run_for(nbdkit(&["-f", "--vsock", "-p", "nbd", "null"]), 10.0);
     assert_eq!(st.code(), Some(1));
     assert_eq!(err, "nbdkit: error: port: could not parse number: \"nbd\": Invalid argument\n");
+}
+
+/// Waits until PID catches SIGTERM (its handlers are installed once the
+/// sockets are bound: no client can tell when over vsock here).
+fn wait_sigterm_caught(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let mask = st.lines().find_map(|l| l.strip_prefix("SigCgt:")).unwrap().trim();
+        if u64::from_str_radix(mask, 16).unwrap() & (1 << (libc::SIGTERM - 1)) != 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "SIGTERM never caught");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[test]
