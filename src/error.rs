@@ -128,7 +128,7 @@ impl Error {
 }
 
 /// `io::Error`'s Display adds " (os error N)"; nbdkit prints strerror alone.
-fn strip_os_suffix(e: &io::Error) -> String {
+pub fn strip_os_suffix(e: &io::Error) -> String {
     let s = e.to_string();
     match s.rfind(" (os error ") {
         Some(i) => s[..i].to_string(),

@@ -133,19 +133,8 @@ fn warn_unused_debug_flags(err: &mut dyn Write, flags: &[(String, String, i64)],
 
 /// Options that parse but whose feature is not in this build yet.
 fn not_supported_yet(cfg: &Config, activation: bool) -> Result<(), Stop> {
-    let what = if activation {
-        "socket activation (LISTEN_PID, LISTEN_FDS)"
-    } else if cfg.vsock {
-        "--vsock"
-    } else if cfg.user.is_some() {
-        "-u (--user)"
-    } else if cfg.group.is_some() {
-        "-g (--group)"
-    } else if cfg.swap {
-        "--swap"
-    } else if cfg.selinux_label.is_some() {
-        "--selinux-label"
-    } else if cfg.tls == TlsMode::On {
+    let _ = activation;
+    let what = if cfg.tls == TlsMode::On {
         "--tls=on"
     } else if cfg.tls == TlsMode::Require {
         "--tls=require"

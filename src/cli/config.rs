@@ -128,6 +128,9 @@ pub struct Config {
     pub swap: bool,
     /// `--selinux-label`.
     pub selinux_label: Option<String>,
+    /// systemd socket activation: the number of listening descriptors
+    /// handed over from fd 3 on (`LISTEN_FDS`); 0 when not activated.
+    pub socket_activation: u32,
 }
 
 impl Default for Config {
@@ -169,6 +172,7 @@ impl Default for Config {
             group: None,
             swap: false,
             selinux_label: None,
+            socket_activation: 0,
         }
     }
 }

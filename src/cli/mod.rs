@@ -8,6 +8,7 @@
 //! getopt loop, checking each value where it appears; [`check::finish`]
 //! needs the whole command line (conflicts, plugin, parameters).
 
+mod activation;
 mod check;
 mod config;
 mod load;
@@ -45,7 +46,22 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Action {
     if let Some(note) = note {
         let _ = err.write_all(note.as_bytes());
     }
-    let action = parse_with(args, activation, &mut out, &mut err);
+    let mut nr_fds = 0;
+    if activation {
+        match activation::take(fds.as_deref().unwrap_or_default()) {
+            Ok(n) => nr_fds = n,
+            Err(msg) => {
+                let _ = err.write_all(msg.as_bytes());
+                return Action::Exit(1);
+            }
+        }
+    }
+    let mut action = parse_with(args, activation, &mut out, &mut err);
+    if let Action::Serve(cfg) = &mut action {
+        cfg.socket_activation = nr_fds;
+        // Never forks.
+        cfg.foreground |= nr_fds > 0;
+    }
     let _ = out.flush();
     let _ = err.flush();
     action
@@ -185,8 +201,8 @@ mod tests {
         assert_eq!(run(&["--run", "true", "-i", "::1", "null"]).config().unix, Some(Unix::Private));
         assert_eq!(run(&["--run", "true", "-p", "1", "null"]).config().unix, None);
         assert_eq!(run(&["--run", "x", "-U", "/s", "null"]).config().unix, Some(Unix::Path(PathBuf::from("/s"))));
-        // --vsock is a choice of its own (and not built yet).
-        assert!(failure(&["--run", "x", "--vsock", "null"]).contains("--vsock is not supported yet"));
+        // --vsock is a choice of its own.
+        assert_eq!(run(&["--run", "x", "--vsock", "null"]).config().unix, None);
     }
 
     #[test]
@@ -305,12 +321,7 @@ mod tests {
     #[test]
     fn features_not_built_yet_refuse_to_serve_but_still_probe() {
         for (args, what) in [
-            (&["--vsock", "null"][..], "--vsock"),
-            (&["-u", "nobody", "null"], "-u (--user)"),
-            (&["--group=disk", "null"], "-g (--group)"),
-            (&["--swap", "null"], "--swap"),
-            (&["--selinux-label=x", "null"], "--selinux-label"),
-            (&["--tls=on", "null"], "--tls=on"),
+            (&["--tls=on", "null"][..], "--tls=on"),
             (&["--tls=require", "null"], "--tls=require"),
             (&["--tls-certificates=/x", "null"], "--tls-certificates"),
             (&["--tls-psk=/x", "null"], "--tls-psk"),
@@ -322,8 +333,11 @@ mod tests {
             assert_eq!(run(&probe).code(), Some(0), "{probe:?}");
         }
         assert_eq!(run(&["--tls=off", "null"]).config().tls, TlsMode::Off);
-        let e = run_with(&["null"], true).err;
-        assert_eq!(e, "nbdkit: error: socket activation (LISTEN_PID, LISTEN_FDS) is not supported yet\n");
+        assert_eq!(run_with(&["null"], true).code(), None);
+        for args in [&["-u", "nobody", "-g", "nogroup", "null"][..], &["--vsock", "null"], &["--swap", "null"],
+                     &["--selinux-label=x", "null"]] {
+            assert!(run(args).code().is_none(), "{args:?}");
+        }
         assert_eq!(run_with(&["-p", "1", "null"], true).err, "nbdkit: cannot use socket activation with -p flag\n");
     }
 

@@ -132,7 +132,7 @@ pub(super) fn config_keys() -> Vec<(&'static str, String)> {
         ("root_tls_certificates_dir", format!("{SYSCONFDIR}/pki/nbdkit")),
         ("run_default_socket", "Unix".to_string()),
         ("sbindir", SBINDIR.to_string()),
-        ("selinux", yes_no(false)),
+        ("selinux", yes_no(true)),
         ("soext", "so".to_string()),
         ("sysconfdir", SYSCONFDIR.to_string()),
         ("timeout_option", yes_no(true)),
@@ -140,7 +140,7 @@ pub(super) fn config_keys() -> Vec<(&'static str, String)> {
         ("version", VERSION.to_string()),
         ("version_major", major),
         ("version_minor", minor),
-        ("vsock_option", yes_no(false)),
+        ("vsock_option", yes_no(true)),
         ("zstd", yes_no(false)),
     ]);
     keys

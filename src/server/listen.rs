@@ -1,5 +1,5 @@
-//! Listening sockets: TCP (`-i`, `-p`, `-4`, `-6`) and Unix (`-U`,
-//! `-U -`), bound before forking so errors reach the terminal.
+//! Listening sockets: TCP (`-i`, `-p`, `-4`, `-6`), Unix (`-U`,
+//! `-U -`) and vsock, bound before forking so errors reach the terminal.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -17,6 +17,9 @@ pub enum Listeners {
     Tcp(Vec<std::net::TcpListener>),
     /// A Unix socket; the private directory of `-U -` goes with it.
     Unix(UnixListener, PathBuf, Option<PrivateDir>),
+    /// Listening sockets of any family, accepted from alike: those
+    /// systemd passed (socket activation), or a vsock socket.
+    Sockets(Vec<Socket>),
 }
 
 impl Listeners {
@@ -24,7 +27,7 @@ impl Listeners {
     pub fn unix_path(&self) -> Option<String> {
         match self {
             Listeners::Unix(_, p, _) => Some(p.to_string_lossy().into_owned()),
-            Listeners::Tcp(_) => None,
+            Listeners::Tcp(_) | Listeners::Sockets(_) => None,
         }
     }
 }
@@ -44,6 +47,9 @@ pub fn bind(cfg: &Config) -> Result<Listeners, String> {
         }
         let l = UnixListener::bind(&path).map_err(|e| format!("bind: {}: {}", path.display(), strip(e)))?;
         return Ok(Listeners::Unix(l, path, private));
+    }
+    if cfg.vsock {
+        return super::service::bind_vsock(cfg.port.as_deref()).map(|s| Listeners::Sockets(vec![s]));
     }
     let port_str = cfg.port.as_deref().unwrap_or("10809");
     let port: u16 = match port_str.parse() {

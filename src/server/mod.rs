@@ -6,6 +6,7 @@ pub mod listen;
 mod nap;
 mod brief;
 pub mod process;
+pub mod service;
 pub mod transmission;
 pub mod uri;
 
@@ -110,6 +111,7 @@ fn start(cfg: Config) -> Result<i32, String> {
     let flag = |name: &str| {
         cfg.debug_flags.iter().rev().find(|(n, f, _)| n == "nbdkit" && f.replace('.', "_") == name).map(|f| f.2 != 0)
     };
+    log::set_tls_log(log::debug_flag("nbdkit", "tls_log"));
     log::set_backend_trace(
         flag("backend_datapath").unwrap_or(true),
         flag("backend_controlpath").unwrap_or(true),
@@ -141,7 +143,21 @@ fn start(cfg: Config) -> Result<i32, String> {
     } else {
         None
     };
-    let listeners = if cfg.single { None } else { Some(listen::bind(&cfg)?) };
+    if cfg.swap {
+        if let Err(service::Fail::Plain(m) | service::Fail::Error(m)) = service::lock_memory() {
+            eprintln!("{m}");
+            return Ok(1);
+        }
+        crate::debug!("--swap: all memory locked");
+    }
+    let listeners = if cfg.single {
+        None
+    } else if cfg.socket_activation > 0 {
+        crate::debug!("using socket activation, nr_socks = {}", cfg.socket_activation);
+        Some(Listeners::Sockets(service::activation_sockets(cfg.socket_activation)))
+    } else {
+        Some(service::labelled(cfg.selinux_label.as_deref(), || listen::bind(&cfg))?)
+    };
     if log::verbose() {
         match &listeners {
             Some(Listeners::Unix(_, path, _)) => log::debug(&format!("bound to unix socket {}", path.display())),
@@ -151,7 +167,7 @@ fn start(cfg: Config) -> Result<i32, String> {
                 cfg.port.as_deref().unwrap_or("10809"),
                 l.len()
             )),
-            None => {}
+            Some(Listeners::Sockets(_)) | None => {}
         }
         match cfg.timeout.unwrap_or(connection::DEFAULT_TIMEOUT) {
             t if t.is_zero() => log::debug("handshake timeout: disabled"),
@@ -183,6 +199,16 @@ fn start(cfg: Config) -> Result<i32, String> {
     };
     let _ = process::null_stdio();
     process::ignore_sigpipe();
+    if cfg.user.is_some() || cfg.group.is_some() {
+        match service::change_user(cfg.user.as_deref(), cfg.group.as_deref()) {
+            Ok(said) => said.iter().for_each(|m| crate::debug!("{m}")),
+            Err(service::Fail::Error(m)) => return Err(m),
+            Err(service::Fail::Plain(m)) => {
+                eprintln!("{m}");
+                return Ok(1);
+            }
+        }
+    }
     if !cfg.foreground {
         process::daemonize(cfg.verbose).map_err(|e| format!("fork: {e}"))?;
         if cfg.log == LogDest::Default {
@@ -365,6 +391,35 @@ async fn accept_loop(shared: Arc<Shared>, l: Listeners, keepalive: bool) {
                     }
                     let s = streams(stream);
                     spawn(serve_counted(shared.clone(), s));
+                }
+            }
+            Listeners::Sockets(listeners) => {
+                let (tx, rx) = async_channel::unbounded();
+                for l in listeners {
+                    let tx = tx.clone();
+                    let Ok(l) = Async::new(l) else { continue };
+                    spawn(async move {
+                        loop {
+                            match l.read_with(|l| l.accept()).await {
+                                Ok((stream, _)) => {
+                                    if tx.send(stream).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => backoff(e).await,
+                            }
+                        }
+                    });
+                }
+                drop(tx);
+                while let Ok(stream) = rx.recv().await {
+                    // TCP_NODELAY fails on other families: ignored.
+                    let _ = stream.set_nodelay(true);
+                    if keepalive {
+                        let _ = stream.set_keepalive(true);
+                    }
+                    let Ok(stream) = Async::new(stream) else { continue };
+                    spawn(serve_counted(shared.clone(), streams(stream)));
                 }
             }
         }

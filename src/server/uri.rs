@@ -34,17 +34,28 @@ pub fn shell_quote(s: &str) -> String {
     out
 }
 
-/// The server's URI; `None` in `-s` mode. `unix_path` is the socket
+/// The server's URI; `None` in `-s` mode and under socket activation. `unix_path` is the socket
 /// actually bound (for `-U -`, the private one).
 pub fn uri(cfg: &Config, unix_path: Option<&str>) -> Option<String> {
-    if cfg.single {
+    if cfg.single || cfg.socket_activation > 0 {
         return None;
     }
     let tls = cfg.tls == TlsMode::Require;
     let export = cfg.export_name.as_deref().filter(|e| !e.is_empty());
     let mut u = String::new();
     let mut query = Vec::new();
-    if let Some(path) = unix_path {
+    if cfg.vsock {
+        // CID 1 is VMADDR_CID_LOCAL; the port only if -p was given.
+        u.push_str(if tls { "nbds+vsock://1" } else { "nbd+vsock://1" });
+        if let Some(p) = &cfg.port {
+            u.push(':');
+            u.push_str(p);
+        }
+        if let Some(e) = export {
+            u.push('/');
+            u.push_str(&uri_quote(e));
+        }
+    } else if let Some(path) = unix_path {
         u.push_str(if tls { "nbds+unix://" } else { "nbd+unix://" });
         if let Some(e) = export {
             u.push('/');
@@ -124,7 +135,16 @@ mod tests {
         cfg.port = Some("10810".into());
         cfg.export_name = None;
         assert_eq!(uri(&cfg, None).unwrap(), "nbd://localhost:10810");
+        cfg.vsock = true;
+        assert_eq!(uri(&cfg, None).unwrap(), "nbd+vsock://1:10810");
+        cfg.port = None;
+        cfg.export_name = Some("e".into());
+        cfg.tls = TlsMode::Require;
+        assert_eq!(uri(&cfg, None).unwrap(), "nbds+vsock://1/e");
         cfg.single = true;
+        assert_eq!(uri(&cfg, None), None);
+        cfg.single = false;
+        cfg.socket_activation = 1;
         assert_eq!(uri(&cfg, None), None);
     }
 
