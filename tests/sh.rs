@@ -636,6 +636,8 @@ fn a_hung_script_is_killed_when_the_client_goes() {
             ),
         );
         let mut srv = start(&["sh", s.to_str().unwrap()]);
+        srv.health_check();
+        let fds = open_fds(srv.child.id());
         // A client sends a read that hangs, then goes away.
         let mut client = Command::new("nbdsh")
             .env("PATH", path_env())
@@ -658,12 +660,20 @@ fn a_hung_script_is_killed_when_the_client_goes() {
         let ids: Vec<u32> = read(&pids).split_whitespace().map(|p| p.parse().unwrap()).collect();
         let deadline = Instant::now() + Duration::from_secs(5);
         // The script and its child are gone, and reaped (no zombie).
-        while ids.iter().any(|&p| running(p)) {
-            assert!(Instant::now() < deadline, "{model}: {ids:?} still there");
+        while ids.iter().any(|&p| running(p)) || Path::new(&format!("/proc/{}", ids[0])).exists() {
+            assert!(Instant::now() < deadline, "{model}: {ids:?} still there (or not reaped)");
             thread::sleep(Duration::from_millis(20));
         }
         srv.health_check();
+        // No descriptor left behind by the killed script's pipes.
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(open_fds(srv.child.id()), fds, "{model}");
     }
+}
+
+/// How many descriptors process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
 #[test]
