@@ -207,7 +207,24 @@ impl<'a> Running<'a> {
     fn finish(mut self, script: &Script) -> Result<Done> {
         let mut conn = shutdown::connection_fd();
         let mut stop_at: Option<Instant> = None;
-        while self.stdout.is_some() || self.stderr.is_some() || self.stdin.is_some() {
+        // The child's exit wakes the loop too (a pidfd), so that a script
+        // that closed its stdout and hangs can still be killed; without
+        // pidfds (Linux < 5.3) waitpid is polled once the pipes are closed.
+        let pidfd = pidfd_open(self.child.id());
+        let mut exited = false;
+        loop {
+            let pipes = self.stdout.is_some() || self.stderr.is_some() || self.stdin.is_some();
+            if !pipes {
+                if exited {
+                    break;
+                }
+                if pidfd.is_none() {
+                    match self.child.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) => {}
+                    }
+                }
+            }
             if shutdown::connection_gone() {
                 return Err(self.kill(script, "the client disconnected"));
             }
@@ -228,7 +245,14 @@ impl<'a> Running<'a> {
             let i_out = slot(&mut fds, self.stdout.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN);
             let i_err = slot(&mut fds, self.stderr.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN);
             let i_conn = slot(&mut fds, conn, libc::POLLRDHUP);
-            if let Err(e) = poll(&mut fds, TICK) {
+            let i_pid = slot(&mut fds, pidfd.as_ref().filter(|_| !exited).map(|f| f.as_raw_fd()), libc::POLLIN);
+            // Without a pidfd, once the pipes are closed: look again in 1 ms.
+            let timeout = if !pipes && pidfd.is_none() { 1 } else { TICK };
+            if fds.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            if let Err(e) = poll(&mut fds, timeout) {
                 return Err(self.kill(script, &format!("poll: {}", strip_os(&e))));
             }
             let ev = |i: Option<usize>| i.map_or(0, |i| fds[i].revents);
@@ -240,6 +264,9 @@ impl<'a> Running<'a> {
             }
             if ev(i_err) != 0 {
                 self.read_stderr();
+            }
+            if ev(i_pid) != 0 {
+                exited = true;
             }
             if ev(i_conn) & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
                 // The client hung up, or the server stopped reading from it
@@ -360,6 +387,16 @@ fn kill_group(pid: u32) {
     // SAFETY: kill(2) of the process group our child leads; the child is
     // not reaped yet, so its pid (= pgid) cannot have been reused.
     unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+}
+
+/// A pidfd for `pid` (readable once it exits), if the kernel has them.
+#[allow(unsafe_code)]
+fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open(2) returns a new descriptor (close-on-exec) or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a descriptor we own from here on.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 #[allow(unsafe_code)]
