@@ -354,33 +354,37 @@ fn zero_missing_falls_back_to_pwrite_and_enotsup_from_zero_too() {
     assert!(calls.contains("zero||4096|0|may_trim|\npwrite||4096|0||"), "{calls}");
 }
 
-/// The errno a pread gets when the script exits `code` after printing
-/// `stderr`, and the server's log.
-fn pread_error(dir: &TempDir, code: u8, stderr: &str) -> (String, String) {
+/// The errno each pread gets when the script exits `code` after printing
+/// `stderr` (one server, case N answering the read at offset 512·N, each
+/// read on a connection of its own), and the server's log.
+fn pread_errors(dir: &TempDir, cases: &[(u8, &str)]) -> (Vec<String>, String) {
+    let mut arms = String::new();
+    for (i, (code, stderr)) in cases.iter().enumerate() {
+        arms.push_str(&format!("  {}) printf '{stderr}' >&2; exit {code} ;;\n", (i + 1) * 512));
+    }
     let s = script(
         dir,
-        &format!("e{code}.sh"),
+        "e1.sh",
         &format!(
             "case \"$1\" in get_size) echo 1M ;; thread_model) echo parallel ;;\n\
-             pread) if [ $4 = 0 ]; then head -c $3 /dev/zero; exit 0; fi; printf '{stderr}' >&2; exit {code} ;; *) exit 2 ;; esac\n"
+             pread) case $4 in\n  0) head -c $3 /dev/zero ;;\n{arms}esac ;; *) exit 2 ;; esac\n"
         ),
     );
     let (mut srv, log) = start_logged(&[], &["sh", s.to_str().unwrap()]);
-    let out = py(
-        &srv,
-        "try:\n    h.pread(512, 512)\n    print('OK')\nexcept nbd.Error as e:\n    print(e.errno)\n",
-    );
-    thread::sleep(Duration::from_millis(100));
-    if code != 4 && code != 5 {
-        srv.health_check();
-    }
-    (out.trim().to_string(), read(&log))
+    let out = python_ok(&format!(
+        "import nbd\nfor i in range(1, {n}):\n    h = nbd.NBD()\n    h.connect_uri({uri:?})\n    try:\n        h.pread(512, i * 512)\n        print('OK')\n    except nbd.Error as e:\n        print(e.errno)\n    del h\n",
+        n = cases.len() + 1,
+        uri = srv.uri()
+    ));
+    srv.health_check();
+    (out.lines().map(str::to_string).collect(), read(&log))
 }
 
 #[test]
 fn stderr_errno_rules() {
     require!("nbdsh", "--version");
     let dir = TempDir::new("sh-errno");
+    let mut cases = Vec::new();
     for (stderr, errno, msg) in [
         ("EPERM go away\\n", "EPERM", ": go away\n"),
         ("enospc  full up\\n", "ENOSPC", ": full up\n"),
@@ -397,31 +401,33 @@ fn stderr_errno_rules() {
         ("EPERM first line\\nsecond line\\nthird\\n\\n", "EPERM", ": first line\n"),
         ("", "EIO", ": script exited with error, but did not print an error message on stderr\n"),
     ] {
-        let (got, log) = pread_error(&dir, 1, stderr);
+        cases.push((stderr, errno, msg));
+    }
+    let (got, log) = pread_errors(&dir, &cases.iter().map(|c| (1, c.0)).collect::<Vec<_>>());
+    for ((stderr, errno, msg), got) in cases.iter().zip(&got) {
         assert_eq!(got, errno, "stderr {stderr:?}: {log}");
         assert!(log.contains(&format!("e1.sh{msg}")), "stderr {stderr:?}: want {msg:?} in {log}");
-        if stderr.contains("second") {
-            // The whole text goes to the debug log, only the first line is the error.
-            assert!(log.contains("debug: ") && log.contains("second line"), "{log}");
-            assert!(!log.contains("error: second"), "{log}");
-        }
     }
+    // The whole multi-line text goes to the debug log, only the first line is the error.
+    assert!(log.contains("second line"), "{log}");
+    assert!(!log.contains("error: second"), "{log}");
 }
 
 #[test]
 fn exit_codes() {
     require!("nbdsh", "--version");
     let dir = TempDir::new("sh-exit");
-    // 1 and 9..255: errors; 3 from pread: unexpected false; 2: missing pread.
-    for (code, want, msg) in [
-        (9u8, "EIO", "e9.sh: oops"),
-        (255, "EIO", "e255.sh: oops"),
-        (3, "EIO", "pread method returned unexpected code (3/false)"),
-        (2, "EIO", "the pread method is required"),
-        (8, "ESHUTDOWN", ""),
-        (0, "EIO", "incorrect amount of data read: expecting 512 bytes but received 0 bytes"),
-    ] {
-        let (got, log) = pread_error(&dir, code, "oops\\n");
+    // 9..255: errors; 3 from pread: unexpected false; 2: missing pread.
+    let cases = [
+        (9u8, "oops9\\n", "EIO", "e1.sh: oops9\n"),
+        (255, "oops255\\n", "EIO", "e1.sh: oops255\n"),
+        (3, "", "EIO", "pread method returned unexpected code (3/false)"),
+        (2, "", "EIO", "the pread method is required"),
+        (8, "", "ESHUTDOWN", ""),
+        (0, "", "EIO", "incorrect amount of data read: expecting 512 bytes but received 0 bytes"),
+    ];
+    let (got, log) = pread_errors(&dir, &cases.iter().map(|c| (c.0, c.1)).collect::<Vec<_>>());
+    for ((code, _, want, msg), got) in cases.iter().zip(&got) {
         assert_eq!(got, want, "exit {code}: {log}");
         assert!(log.contains(msg), "exit {code}: {msg:?} not in {log}");
     }
