@@ -181,6 +181,10 @@ fn dump_plugin_thread_model_and_help() {
     assert!(out.contains("\nname=eval\n") && !out.contains("magic_config_key"), "{out}");
     assert!(out.contains("\nthread_model=serialize_all_requests\n"), "{out}");
     assert!(out.ends_with("has_cache=1\nmax_known_status=8\na=1\nb=2\n"), "{out}");
+    // Exit 4 (shut the server down) from dump_plugin is a success, and
+    // does not kill the process before the server watches signals.
+    let o = nbdkit(&["--dump-plugin", "eval", "dump_plugin=echo x=1; exit 4"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).ends_with("max_known_status=8\nx=1\n"), "{o:?}");
     let out = String::from_utf8(nbdkit(&["--dump-plugin", "eval", "thread_model=echo PARALLEL"]).stdout).unwrap();
     assert!(out.contains("\nthread_model=parallel\n"), "{out}");
     let out = String::from_utf8(nbdkit(&["--dump-plugin", "eval", "thread_model=echo serialize-requests"]).stdout).unwrap();
