@@ -125,6 +125,9 @@ fn start(cfg: Config) -> Result<i32, String> {
         process::exit_with_parent().map_err(|e| format!("--exit-with-parent: {e}"))?;
     }
 
+    if cfg.single {
+        crate::util::stdio::set_unsafe();
+    }
     let mut chain = Chain::new(&cfg.plugin, &cfg.filters)?;
     for (k, v) in &cfg.params {
         chain.config(k, v).map_err(|e| e.to_string())?;

@@ -460,7 +460,7 @@ fn worker(conn: Arc<Conn>) {
                         spawn_worker(&conn);
                     }
                     drop(r);
-                    let reply = shutdown::with_connection(&conn.gone, || {
+                    let reply = shutdown::with_connection_fd(&conn.gone, conn.read_fd, || {
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
                     });
                     conn.pool.put(payload);

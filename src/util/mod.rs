@@ -3,3 +3,4 @@
 pub mod log;
 pub mod parse;
 pub mod shutdown;
+pub mod stdio;

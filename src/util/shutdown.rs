@@ -15,6 +15,7 @@ static WAKE: Condvar = Condvar::new();
 
 thread_local! {
     static CONN_GONE: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
+    static CONN_FD: std::cell::Cell<Option<std::os::fd::RawFd>> = const { std::cell::Cell::new(None) };
 }
 
 /// True once shutdown has begun.
@@ -43,7 +44,24 @@ pub fn with_connection<T>(gone: &Arc<AtomicBool>, f: impl FnOnce() -> T) -> T {
     r
 }
 
-fn connection_gone() -> bool {
+/// Like [`with_connection`], also naming the client's socket (`fd`), so
+/// that a call waiting on something else (a script of the sh plugin) can
+/// poll it to notice the client hang up, or the server stop reading.
+pub fn with_connection_fd<T>(gone: &Arc<AtomicBool>, fd: std::os::fd::RawFd, f: impl FnOnce() -> T) -> T {
+    let prev = CONN_FD.with(|c| c.replace(Some(fd)));
+    let r = with_connection(gone, f);
+    CONN_FD.with(|c| c.set(prev));
+    r
+}
+
+/// The client socket of the request this thread runs, if the server said
+/// ([`with_connection_fd`]); it stays open for the whole call.
+pub fn connection_fd() -> Option<std::os::fd::RawFd> {
+    CONN_FD.with(|c| c.get())
+}
+
+/// True if the client of the request this thread runs has hung up.
+pub fn connection_gone() -> bool {
     CONN_GONE.with(|c| c.borrow().as_ref().is_some_and(|g| g.load(Ordering::Acquire)))
 }
 
