@@ -2,5 +2,6 @@
 
 pub(crate) mod allocator;
 mod file;
+mod floppy;
 mod memory;
 mod null;
