@@ -397,12 +397,16 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_size_is_an_error_or_a_consistent_geometry(used in 0u64..100_000, size in proptest::option::of(0u64..(8u64 << 40))) {
+            proptest::prop_assert!(geometry(used, Some(min_size(used))).is_ok());
+            proptest::prop_assert!(geometry(used, Some(min_size(used) - 1)).is_err());
             if let Ok(g) = geometry(used, size) {
                 proptest::prop_assert!(g.data_clusters >= used);
                 proptest::prop_assert!((g.data_clusters + 2) * 4 <= g.fat_clusters * CLUSTER);
                 proptest::prop_assert!((PART_START + g.partition_sectors()) * SECTOR <= g.disk_size);
-                if let Some(s) = size { proptest::prop_assert_eq!(g.disk_size, s); }
-                proptest::prop_assert!(min_size(used) <= g.disk_size);
+                if let Some(s) = size {
+                    proptest::prop_assert_eq!(g.disk_size, s);
+                    proptest::prop_assert!(min_size(used) <= s);
+                }
             }
         }
     }
