@@ -21,15 +21,34 @@ pub struct HostFile {
     pub ino: u64,
 }
 
+/// A path for a one-line message: very deep paths are shortened.
+pub fn show(p: &Path) -> String {
+    let s = p.display().to_string();
+    let n = s.chars().count();
+    if n <= 240 {
+        return s;
+    }
+    let head: String = s.chars().take(120).collect();
+    let tail: String = s.chars().skip(n - 100).collect();
+    format!("{head}…{tail} ({} components)", p.components().count())
+}
+
+/// An OS error without Rust's " (os error N)" suffix, as nbdkit prints it.
+fn os(what: &str, p: &Path, e: std::io::Error) -> String {
+    let msg = e.to_string();
+    let msg = msg.rfind(" (os error ").map_or(msg.as_str(), |i| &msg[..i]);
+    format!("{what}: {}: {msg}", show(p))
+}
+
 fn times(m: &Metadata) -> DosTimes {
     DosTimes::from_unix(m.atime(), m.mtime(), m.ctime())
 }
 
 /// Scans `root` (an absolute path to a directory).
 pub fn scan(root: &Path) -> Result<(Tree, Vec<HostFile>), String> {
-    let meta = std::fs::metadata(root).map_err(|e| format!("stat: {}: {e}", root.display()))?;
+    let meta = std::fs::metadata(root).map_err(|e| os("stat", root, e))?;
     if !meta.is_dir() {
-        return Err(format!("{}: not a directory", root.display()));
+        return Err(format!("{}: not a directory", show(root)));
     }
     let mut w = Walk { tree: Tree::default(), hosts: Vec::new(), ancestors: Vec::new() };
     w.tree.dirs.push(DirNode { times: times(&meta), ..DirNode::default() });
@@ -47,7 +66,7 @@ struct Walk {
 
 fn utf8_name(dir: &Path, name: OsString) -> Result<String, String> {
     name.into_string().map_err(|n| {
-        format!("{}: file name is not valid UTF-8, which FAT long names need", dir.join(n).display())
+        format!("{}: file name is not valid UTF-8, which FAT long names need", show(&dir.join(n)))
     })
 }
 
@@ -55,19 +74,19 @@ impl Walk {
     fn visit(&mut self, path: &Path, di: usize, meta: &Metadata) -> Result<(), String> {
         let id = (meta.dev(), meta.ino());
         if self.ancestors.contains(&id) {
-            return Err(format!("{}: directory loop (the directory contains itself)", path.display()));
+            return Err(format!("{}: directory loop (the directory contains itself)", show(path)));
         }
         self.ancestors.push(id);
-        let rd = std::fs::read_dir(path).map_err(|e| format!("opendir: {}: {e}", path.display()))?;
+        let rd = std::fs::read_dir(path).map_err(|e| os("opendir", path, e))?;
         let mut names = Vec::new();
         for ent in rd {
-            let ent = ent.map_err(|e| format!("readdir: {}: {e}", path.display()))?;
+            let ent = ent.map_err(|e| os("readdir", path, e))?;
             names.push(ent.file_name());
         }
         names.sort_unstable_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
         for name in names {
             let child = path.join(&name);
-            let m = std::fs::symlink_metadata(&child).map_err(|e| format!("lstat: {}: {e}", child.display()))?;
+            let m = std::fs::symlink_metadata(&child).map_err(|e| os("lstat", &child, e))?;
             let ft = m.file_type();
             if ft.is_dir() {
                 let name = utf8_name(path, name)?;
@@ -79,7 +98,7 @@ impl Walk {
                 let name = utf8_name(path, name)?;
                 if m.len() > MAX_FILE {
                     return Err(format!("{}: file is larger than maximum supported by VFAT ({} bytes; the limit is {MAX_FILE})",
-                                       child.display(), m.len()));
+                                       show(&child), m.len()));
                 }
                 let fi = self.tree.files.len();
                 self.tree.files.push(FileNode { name, times: times(&m), size: m.len() });
