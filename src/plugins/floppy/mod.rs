@@ -14,6 +14,7 @@ mod layout;
 mod names;
 mod records;
 mod scan;
+mod sys;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -132,6 +133,21 @@ impl Disk {
         Ok(f)
     }
 
+    fn changed(&self, i: usize, now: u64) -> Error {
+        let h = &self.hosts[i];
+        Error::io(format!("{}: file changed size while served (was {} bytes, now {now}): \
+                           the floppy cannot follow, restart the server", h.path.display(), h.size))
+    }
+
+    /// EIO unless host file `i` (open as `f`) still has its scanned size.
+    fn check_size(&self, i: usize, f: &File) -> Result<()> {
+        let now = sys::size(f).map_err(|e| Error::os(format_args!("fstat: {}", self.hosts[i].path.display()), e))?;
+        if now != self.hosts[i].size {
+            return Err(self.changed(i, now));
+        }
+        Ok(())
+    }
+
     /// Reads `buf` from host file `i` at `offset` (within its size).
     fn read_host(&self, i: usize, buf: &mut [u8], offset: u64) -> Result<()> {
         let temp;
@@ -152,21 +168,14 @@ impl Disk {
                 }
             }
         };
+        self.check_size(i, f)?;
         let h = &self.hosts[i];
-        let changed = |now: u64| {
-            Error::io(format!("{}: file changed size while served (was {} bytes, now {now}): \
-                               the floppy cannot follow, restart the server", h.path.display(), h.size))
-        };
-        let now = f.metadata().map_err(|e| Error::os(format_args!("fstat: {}", h.path.display()), e))?.len();
-        if now != h.size {
-            return Err(changed(now));
-        }
         let mut done = 0;
         while done < buf.len() {
             match f.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     let now = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    return Err(changed(now));
+                    return Err(self.changed(i, now));
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -180,6 +189,35 @@ impl Disk {
 
     /// Fills `buf` from disk offset `offset` (the range is inside the disk).
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_with(buf, offset, &mut |i, data, o| self.read_host(i, data, o)).map(|_| ())
+    }
+
+    /// `read`, but a host file's bytes only if they are in the page cache
+    /// of a file already open: `None` means "would block" (nothing is
+    /// wrong, the caller reads again the usual way).
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        let mut blocked = false;
+        let r = self.read_with(buf, offset, &mut |i, data, o| {
+            let Some(f) = self.open[i].get() else {
+                blocked = true;
+                return Err(Error::io("would block"));
+            };
+            self.check_size(i, f)?;
+            match sys::pread_nowait(f, data, o) {
+                Ok(true) => Ok(()),
+                Ok(false) | Err(_) => {
+                    // Not cached, or an error the blocking path reports.
+                    blocked = true;
+                    Err(Error::io("would block"))
+                }
+            }
+        });
+        if blocked { None } else { Some(r) }
+    }
+
+    /// The walk over regions; `host(i, buf, offset)` reads host file `i`.
+    fn read_with(&self, buf: &mut [u8], offset: u64,
+                 host: &mut dyn FnMut(usize, &mut [u8], u64) -> Result<()>) -> Result<()> {
         let l = &self.layout;
         let mut r = l.region_at(offset);
         let mut pos = 0usize;
@@ -197,7 +235,7 @@ impl Disk {
                     let k = (size.saturating_sub(o) as usize).min(n);
                     let (data, pad) = out.split_at_mut(k);
                     if k > 0 {
-                        self.read_host(i, data, o)?;
+                        host(i, data, o)?;
                     }
                     pad.fill(0);
                 }
@@ -233,6 +271,11 @@ impl Handle for FloppyHandle {
     }
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         self.disk.read(buf, offset)
+    }
+    /// Metadata always, file bytes from the page cache: the server then
+    /// answers on the thread that read the request.
+    fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        self.disk.read_nowait(buf, offset)
     }
     /// Zero regions (the gap before the partition, the free space of
     /// `size=`) are holes; the rest is data.

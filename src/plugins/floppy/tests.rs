@@ -82,3 +82,28 @@ fn config_errors() {
     assert!(ready(&t.0, &[("size", "1M")]).err().unwrap().contains("larger than \"size\""));
     assert!(ready(&t.0, &[("size", "2M")]).is_ok());
 }
+
+#[test]
+fn nowait_reads_metadata_and_cached_files_only() {
+    let t = tmp("nowait");
+    std::fs::write(t.0.join("a"), vec![7u8; 5000]).unwrap();
+    let p = ready(&t.0, &[]).unwrap();
+    let h = p.open(true, "", false).unwrap();
+    let mut mbr = [0u8; 512];
+    assert!(h.pread_nowait(&mut mbr, 0).unwrap().is_ok());
+    assert_eq!(&mbr[510..], [0x55, 0xaa]);
+    let at = file_offset(&p, 0);
+    let mut buf = [0u8; 6000];
+    // Not open yet: would block.
+    assert!(h.pread_nowait(&mut buf, at).is_none());
+    h.pread(&mut buf, at, Flags::NONE).unwrap();
+    let mut again = [1u8; 6000];
+    // Open and just read, so cached (a kernel without RWF_NOWAIT says None).
+    if let Some(r) = h.pread_nowait(&mut again, at) {
+        r.unwrap();
+        assert_eq!(buf, again);
+        assert!(again[..5000].iter().all(|&b| b == 7) && again[5000..].iter().all(|&b| b == 0));
+    }
+    std::fs::write(t.0.join("a"), vec![7u8; 10]).unwrap();
+    assert!(matches!(h.pread_nowait(&mut again, at), Some(Err(_))));
+}
