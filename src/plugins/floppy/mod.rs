@@ -217,7 +217,7 @@ impl Disk {
 
     /// The walk over regions; `host(i, buf, offset)` reads host file `i`.
     fn read_with(&self, buf: &mut [u8], offset: u64,
-                 host: &mut dyn FnMut(usize, &mut [u8], u64) -> Result<()>) -> Result<()> {
+                 host: &mut HostRead<'_>) -> Result<()> {
         let l = &self.layout;
         let mut r = l.region_at(offset);
         let mut pos = 0usize;
@@ -246,6 +246,9 @@ impl Disk {
         Ok(())
     }
 }
+
+/// Reads `buf` from host file `i` at an offset inside the file.
+type HostRead<'a> = dyn FnMut(usize, &mut [u8], u64) -> Result<()> + 'a;
 
 /// Copies `src[o..]` into `out`, zeroes past the end of `src`.
 fn copy_padded(out: &mut [u8], src: &[u8], o: u64) {

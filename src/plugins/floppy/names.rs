@@ -207,7 +207,7 @@ mod tests {
     fn second_collision_is_resolved() {
         let n = short_names(&["ab.txt", "AB~1.txt", "Ab.txt"]);
         let set: std::collections::HashSet<_> = n.iter().collect();
-        assert_eq!(set.len(), 3, "{:?}", n.iter().map(|x| s(x)).collect::<Vec<_>>());
+        assert_eq!(set.len(), 3, "{:?}", n.iter().map(s).collect::<Vec<_>>());
     }
 
     #[test]
