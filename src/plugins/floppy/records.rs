@@ -55,6 +55,9 @@ pub fn dos_date_time(tm: Tm) -> (u16, u16) {
 pub fn localtime(t: i64) -> Tm {
     // SAFETY: localtime_r only writes the struct we pass; zeroed is a valid tm.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // time_t is 64 bits on x86_64 with glibc and musl alike (the libc
+    // crate marks the musl alias deprecated while 32-bit targets change).
+    #[allow(deprecated)]
     let tt = t as libc::time_t;
     // SAFETY: both pointers are valid for the call.
     let ok = !unsafe { libc::localtime_r(&tt, &mut tm) }.is_null();
