@@ -89,6 +89,34 @@ impl Plugin for Floppy {
         Ok(())
     }
 
+    /// Opens the host files in the background (as many as the budget
+    /// allows), so the first read of each does not pay for it and start-up
+    /// does not wait for it. A read that comes first opens the file itself;
+    /// a file that fails to open here is retried, and reported, by the
+    /// read that needs it.
+    fn after_fork(&self) -> Result<()> {
+        let Some(disk) = self.disk.clone() else { return Ok(()) };
+        let spawned = std::thread::Builder::new().name("floppy-open".into()).spawn(move || {
+            for i in 0..disk.hosts.len() {
+                if disk.hosts[i].size == 0 || disk.open[i].get().is_some() {
+                    continue;
+                }
+                if disk.fd_budget.fetch_sub(1, Ordering::Relaxed) <= 0 {
+                    disk.fd_budget.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                let kept = disk.open_host(i).is_ok_and(|f| disk.open[i].set(f).is_ok());
+                if !kept {
+                    disk.fd_budget.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            crate::debug!("floppy: cannot start the thread that opens files: {e}");
+        }
+        Ok(())
+    }
+
     fn open(&self, _readonly: bool, _export: &str, _is_tls: bool) -> Result<Box<dyn Handle>> {
         let disk = self.disk.clone().ok_or_else(|| Error::invalid("floppy: not ready"))?;
         Ok(Box::new(FloppyHandle { disk }))
@@ -123,7 +151,8 @@ impl Disk {
         let h = &self.hosts[i];
         let f = File::options()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            // O_NONBLOCK: a FIFO swapped in since the scan must not hang the open.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&h.path)
             .map_err(|e| Error::os(format_args!("open: {}", h.path.display()), e))?;
         let m = f.metadata().map_err(|e| Error::os(format_args!("fstat: {}", h.path.display()), e))?;

@@ -73,23 +73,30 @@ fn write_tilde(s: &mut ShortName, n: usize) {
     s[at..at + suffix.len()].copy_from_slice(suffix);
 }
 
+/// nbdkit's short name, or the sanitized one where nbdkit's is invalid.
+fn initial_short_name(name: &str) -> ShortName {
+    let short = nbdkit_short_name(name);
+    if short[0] == b' ' { sanitized_short_name(name) } else { short }
+}
+
 /// Short names for the entries of one directory, in table order
 /// (subdirectories first, then files, as nbdkit numbers them).
 pub fn short_names(names: &[&str]) -> Vec<ShortName> {
-    let mut s: Vec<ShortName> = names
-        .iter()
-        .map(|n| {
-            let short = nbdkit_short_name(n);
-            if short[0] == b' ' { sanitized_short_name(n) } else { short }
-        })
-        .collect();
-    // nbdkit: entry j that equals an earlier entry i becomes "…~j".
-    for i in 0..s.len() {
-        for j in i + 1..s.len() {
-            if s[i] == s[j] {
-                write_tilde(&mut s[j], j);
-            }
+    let mut s: Vec<ShortName> = names.iter().map(|n| initial_short_name(n)).collect();
+    // nbdkit: for i in order, every later entry j equal to entry i
+    // becomes "…~j" (two nested loops, quadratic: 0.9 s for 20,000 files).
+    // Entry i is final once the outer loop reaches it, so the same result
+    // comes from taking each j in turn and replaying, in order of i, the
+    // earlier entries that equal its current name: `seen` maps a final
+    // name to the indices that have it, ascending.
+    let mut seen: std::collections::HashMap<ShortName, Vec<usize>> = std::collections::HashMap::with_capacity(s.len());
+    for j in 0..s.len() {
+        let mut from = 0;
+        while let Some(&i) = seen.get(&s[j]).and_then(|v| v.get(v.partition_point(|&i| i < from))) {
+            write_tilde(&mut s[j], j);
+            from = i + 1;
         }
+        seen.entry(s[j]).or_default().push(j);
     }
     // nbdkit stops there, and "AB~6" may now equal a file really called
     // "ab~6". Those (rare) leftovers get the first free "~N".
@@ -208,6 +215,34 @@ mod tests {
         let n = short_names(&["ab.txt", "AB~1.txt", "Ab.txt"]);
         let set: std::collections::HashSet<_> = n.iter().collect();
         assert_eq!(set.len(), 3, "{:?}", n.iter().map(s).collect::<Vec<_>>());
+    }
+
+    /// nbdkit's loops, as written there.
+    fn nbdkit_renaming(mut s: Vec<ShortName>) -> Vec<ShortName> {
+        for i in 0..s.len() {
+            for j in i + 1..s.len() {
+                if s[i] == s[j] {
+                    write_tilde(&mut s[j], j);
+                }
+            }
+        }
+        s
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_renaming_is_nbdkits(names in proptest::collection::vec("(ab|AB|Ab|ab~[1-9]|a~[1-9]|~[1-9]|abc){1,3}(\\.t[x~]t)?", 1..60)) {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let initial: Vec<ShortName> = names.iter().map(|n| initial_short_name(n)).collect();
+            let want = nbdkit_renaming(initial);
+            let got = short_names(&names);
+            // Equal wherever nbdkit's result is already unique.
+            let mut count = std::collections::HashMap::new();
+            for w in &want { *count.entry(*w).or_insert(0) += 1; }
+            for (g, w) in got.iter().zip(&want) {
+                if count[w] == 1 { proptest::prop_assert_eq!(g, w); }
+            }
+        }
     }
 
     #[test]

@@ -78,15 +78,16 @@ impl Walk {
         }
         self.ancestors.push(id);
         let rd = std::fs::read_dir(path).map_err(|e| os("opendir", path, e))?;
-        let mut names = Vec::new();
+        let mut ents = Vec::new();
         for ent in rd {
             let ent = ent.map_err(|e| os("readdir", path, e))?;
-            names.push(ent.file_name());
+            // fstatat(AT_SYMLINK_NOFOLLOW) relative to the open directory.
+            let m = ent.metadata().map_err(|e| os("lstat", &ent.path(), e))?;
+            ents.push((ent.file_name(), m));
         }
-        names.sort_unstable_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
-        for name in names {
+        ents.sort_unstable_by(|a, b| a.0.as_encoded_bytes().cmp(b.0.as_encoded_bytes()));
+        for (name, m) in ents {
             let child = path.join(&name);
-            let m = std::fs::symlink_metadata(&child).map_err(|e| os("lstat", &child, e))?;
             let ft = m.file_type();
             if ft.is_dir() {
                 let name = utf8_name(path, name)?;
