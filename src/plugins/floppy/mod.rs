@@ -337,9 +337,9 @@ inventory::submit! {
         api_version: 1,
         max_thread_model: ThreadModel::Parallel,
         errno_is_preserved: true,
-        has: &["longname", "load", "unload", "config", "config_complete", "config_help", "get_ready", "open",
-               "get_size", "block_size", "can_multi_conn", "can_extents", "can_cache", "_pread_v1",
-               "extents"],
+        has: &["longname", "load", "unload", "config", "config_complete", "config_help", "get_ready",
+               "after_fork", "open", "get_size", "block_size", "can_multi_conn", "can_extents", "can_cache",
+               "_pread_v1", "extents"],
         new: || Box::<Floppy>::default(),
     }
 }
