@@ -90,13 +90,13 @@ pub fn short_names(names: &[&str]) -> Vec<ShortName> {
     // earlier entries that equal its current name: `seen` maps a final
     // name to the indices that have it, ascending.
     let mut seen: std::collections::HashMap<ShortName, Vec<usize>> = std::collections::HashMap::with_capacity(s.len());
-    for j in 0..s.len() {
+    for (j, name) in s.iter_mut().enumerate() {
         let mut from = 0;
-        while let Some(&i) = seen.get(&s[j]).and_then(|v| v.get(v.partition_point(|&i| i < from))) {
-            write_tilde(&mut s[j], j);
+        while let Some(&i) = seen.get(name).and_then(|v| v.get(v.partition_point(|&i| i < from))) {
+            write_tilde(name, j);
             from = i + 1;
         }
-        seen.entry(s[j]).or_default().push(j);
+        seen.entry(*name).or_default().push(j);
     }
     // nbdkit stops there, and "AB~6" may now equal a file really called
     // "ab~6". Those (rare) leftovers get the first free "~N".
