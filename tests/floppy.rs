@@ -465,3 +465,72 @@ fn p18_host_file_changed_while_served_is_eio() {
     assert!(logged.contains("c.bin: file changed size while served (was 50000 bytes, now 55000)"), "{logged}");
     srv.health_check();
 }
+
+/// The paths fsck.fat -l lists (long names, UTF-8), without the root and
+/// the volume label.
+fn fsck_paths(part: &Path, label: &str) -> std::collections::BTreeSet<String> {
+    let o = Command::new("fsck.fat").args(["-n", "-l"]).arg(part).env("LC_ALL", "C.UTF-8").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "fsck.fat: {out}");
+    let summary = format!("{}: ", part.display());
+    let mut paths = std::collections::BTreeSet::new();
+    for l in out.lines().skip(1) {
+        if l.starts_with(&summary) {
+            continue;
+        }
+        let p = l.strip_prefix("Checking file ").unwrap_or_else(|| panic!("fsck.fat complains: {l}\n{out}"));
+        // "/dir/long name (SHORT.EXT)": drop the short name.
+        let p = p.rfind(" (").map_or(p, |i| &p[..i]);
+        if p != "/" && p != label {
+            paths.insert(p.to_string());
+        }
+    }
+    paths
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 12, ..Default::default() })]
+    /// Any tree of names (collisions, leading dots, spaces, non-ASCII,
+    /// nesting) gives a disk fsck.fat accepts, listing every path.
+    #[test]
+    fn any_tree_gives_a_clean_filesystem_with_every_name(
+        files in proptest::collection::vec(
+            (proptest::collection::vec("[a-zA-Z0-9 ._~+,;=é中ü-]{1,14}", 0..4), "[a-zA-Z0-9 ._~+,;=é中ü-]{1,30}", 0usize..40_000),
+            1..40)
+    ) {
+        if !available("fsck.fat", &["--help"]) || !available("nbdcopy", &["--version"]) {
+            assert!(std::env::var_os("NBDKIT_TEST_STRICT").is_none(), "fsck.fat and nbdcopy are required");
+            eprintln!("SKIP: fsck.fat or nbdcopy not available");
+            return Ok(());
+        }
+        let src = TempDir::new("floppy-prop");
+        let mut want = std::collections::BTreeSet::new();
+        for (i, (dirs, name, size)) in files.iter().enumerate() {
+            if dirs.iter().chain([name]).any(|c| c == "." || c == "..") {
+                continue;
+            }
+            let rel: PathBuf = dirs.iter().chain([name]).collect();
+            let p = src.0.join(&rel);
+            if std::fs::create_dir_all(p.parent().unwrap()).is_err() || p.exists() {
+                continue;
+            }
+            if std::fs::write(&p, bytes(i as u64, *size)).is_ok() {
+                let mut acc = String::new();
+                for c in rel.iter() {
+                    acc.push('/');
+                    acc.push_str(c.to_str().unwrap());
+                    want.insert(acc.clone());
+                }
+            }
+        }
+        let srv = Server::start(&["floppy", src.0.to_str().unwrap()]);
+        let work = TempDir::new("floppy-prop-img");
+        let img = work.path("disk.img");
+        run_ok("nbdcopy", &[&srv.uri(), img.to_str().unwrap()]);
+        drop(srv);
+        let disk = std::fs::read(&img).unwrap();
+        std::fs::write(&img, &disk[PART as usize..]).unwrap();
+        let got = fsck_paths(&img, "/NBDKITFL.OPY");
+        proptest::prop_assert_eq!(got, want);
+    }
+}
