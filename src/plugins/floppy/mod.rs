@@ -5,8 +5,9 @@
 //! get_ready from the scanned tree (`scan.rs`); reads map each offset to
 //! a region: fixed sectors and directory tables kept in memory (a few
 //! bytes per entry), the FAT computed entry by entry, or a host file's
-//! bytes. The image itself is never built. Host files are opened on first
-//! read and kept open (within the process's descriptor limit), and each
+//! bytes. The image itself is never built. Host files are opened by a
+//! background thread after start-up (or by the first read that needs
+//! them) and kept open, within the process's descriptor limit; each
 //! read checks that the file still has the size it had at the scan: a
 //! file that shrank or grew gives EIO, not the bytes of whatever follows.
 
