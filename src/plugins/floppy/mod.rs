@@ -155,7 +155,8 @@ impl Disk {
             // O_NONBLOCK: a FIFO swapped in since the scan must not hang the open.
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&h.path)
-            .map_err(|e| Error::os(format_args!("open: {}", h.path.display()), e))?;
+            // EIO whatever the cause: the disk is there, this part of it is not.
+            .map_err(|e| Error::io(Error::os(format_args!("open: {}", h.path.display()), e).message().to_string()))?;
         let m = f.metadata().map_err(|e| Error::os(format_args!("fstat: {}", h.path.display()), e))?;
         if (m.dev(), m.ino()) != (h.dev, h.ino) || !m.is_file() {
             return Err(Error::io(format!("{}: file was replaced since the floppy was made", h.path.display())));

@@ -105,3 +105,16 @@ fn nowait_reads_metadata_and_cached_files_only() {
     std::fs::write(t.0.join("a"), vec![7u8; 10]).unwrap();
     assert!(matches!(h.pread_nowait(&mut again, at), Some(Err(_))));
 }
+
+#[test]
+fn deleted_file_is_eio() {
+    let t = tmp("deleted");
+    std::fs::write(t.0.join("a"), b"x").unwrap();
+    let p = ready(&t.0, &[]).unwrap();
+    let h = p.open(true, "", false).unwrap();
+    std::fs::remove_file(t.0.join("a")).unwrap();
+    // Not opened yet (no after_fork here): the read opens it, and fails.
+    let e = h.pread(&mut [0u8; 1], file_offset(&p, 0), Flags::NONE).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Io);
+    assert!(e.message().starts_with("open: "), "{}", e.message());
+}
