@@ -2,6 +2,7 @@
 
 pub(crate) mod allocator;
 mod file;
+mod floppy;
 mod memory;
 mod null;
 mod sh;

@@ -1,0 +1,350 @@
+//! `floppy`: a FAT32 disk synthesized from a host directory (nbdkit's
+//! floppy plugin), read-only.
+//!
+//! The layout (`layout.rs`, `records.rs`, `names.rs`) is computed once at
+//! get_ready from the scanned tree (`scan.rs`); reads map each offset to
+//! a region: fixed sectors and directory tables kept in memory (a few
+//! bytes per entry), the FAT computed entry by entry, or a host file's
+//! bytes. The image itself is never built. Host files are opened by a
+//! background thread after start-up (or by the first read that needs
+//! them) and kept open, within the process's descriptor limit; each
+//! read checks that the file still has the size it had at the scan: a
+//! file that shrank or grew gives EIO, not the bytes of whatever follows.
+
+mod layout;
+mod names;
+mod records;
+mod scan;
+mod sys;
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use self::layout::{Kind, Layout};
+use self::scan::HostFile;
+use crate::backend::{extents, BlockSize, Caps, Extents, Flags, Handle, Param, Plugin, PluginEntry, Support,
+                     ThreadModel};
+use crate::error::{Error, Result};
+use crate::util::parse::parse_size;
+
+#[derive(Default)]
+struct Floppy {
+    dir: Option<PathBuf>,
+    label: Option<String>,
+    size: Option<u64>,
+    disk: Option<Arc<Disk>>,
+}
+
+/// The served disk, shared by all connections.
+struct Disk {
+    layout: Layout,
+    hosts: Vec<HostFile>,
+    /// Host files opened so far, kept open.
+    open: Vec<OnceLock<File>>,
+    /// How many more files may be kept open.
+    fd_budget: AtomicI64,
+}
+
+impl Plugin for Floppy {
+    fn config(&mut self, key: &str, value: &str) -> Result<Param> {
+        match key {
+            "dir" => {
+                if self.dir.is_some() {
+                    return Err(Error::invalid("dir=<DIRECTORY> must only be set once"));
+                }
+                let p = std::fs::canonicalize(value).map_err(|e| Error::os(format_args!("realpath: {value}"), e))?;
+                self.dir = Some(p);
+            }
+            "label" => self.label = Some(value.to_string()),
+            "size" => self.size = Some(parse_size(value)?),
+            _ => return Ok(Param::NotMine),
+        }
+        Ok(Param::Used)
+    }
+
+    fn config_complete(&mut self) -> Result<()> {
+        let Some(dir) = &self.dir else {
+            return Err(Error::invalid(
+                "you must supply the dir=<DIRECTORY> parameter after the plugin name on the command line",
+            ));
+        };
+        if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::invalid(format!("chdir: {}: Not a directory", dir.display())));
+        }
+        Ok(())
+    }
+
+    fn get_ready(&mut self) -> Result<()> {
+        let dir = self.dir.as_ref().ok_or_else(|| Error::invalid("floppy: no dir="))?;
+        let (tree, hosts) = scan::scan(dir).map_err(Error::invalid)?;
+        let label = self.label.as_deref().unwrap_or("NBDKITFLOPY");
+        let layout = layout::build(&tree, label, self.size).map_err(Error::invalid)?;
+        crate::debug!("floppy: {} directories and {} files, {} clusters used, disk size {}",
+                      tree.dirs.len(), tree.files.len(), layout.geometry.used, layout.geometry.disk_size);
+        let fd_budget = AtomicI64::new(fd_budget(hosts.len()));
+        let open = (0..hosts.len()).map(|_| OnceLock::new()).collect();
+        self.disk = Some(Arc::new(Disk { layout, hosts, open, fd_budget }));
+        Ok(())
+    }
+
+    /// Opens the host files in the background (as many as the budget
+    /// allows), so the first read of each does not pay for it and start-up
+    /// does not wait for it. A read that comes first opens the file itself;
+    /// a file that fails to open here is retried, and reported, by the
+    /// read that needs it.
+    fn after_fork(&self) -> Result<()> {
+        let Some(disk) = self.disk.clone() else { return Ok(()) };
+        let spawned = std::thread::Builder::new().name("floppy-open".into()).spawn(move || {
+            for i in 0..disk.hosts.len() {
+                if disk.hosts[i].size == 0 || disk.open[i].get().is_some() {
+                    continue;
+                }
+                if disk.fd_budget.fetch_sub(1, Ordering::Relaxed) <= 0 {
+                    disk.fd_budget.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                let kept = disk.open_host(i).is_ok_and(|f| disk.open[i].set(f).is_ok());
+                if !kept {
+                    disk.fd_budget.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            crate::debug!("floppy: cannot start the thread that opens files: {e}");
+        }
+        Ok(())
+    }
+
+    fn open(&self, _readonly: bool, _export: &str, _is_tls: bool) -> Result<Box<dyn Handle>> {
+        let disk = self.disk.clone().ok_or_else(|| Error::invalid("floppy: not ready"))?;
+        Ok(Box::new(FloppyHandle { disk }))
+    }
+}
+
+/// How many host files may stay open: raises the soft descriptor limit
+/// toward the hard one if there are many files, and leaves room for
+/// connections and everything else.
+#[allow(unsafe_code)]
+fn fd_budget(files: usize) -> i64 {
+    const RESERVE: u64 = 1024;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    let want = (files as u64).saturating_add(RESERVE);
+    if lim.rlim_cur < want && lim.rlim_cur < lim.rlim_max {
+        let new = libc::rlimit { rlim_cur: want.min(lim.rlim_max), rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            lim.rlim_cur = new.rlim_cur;
+        }
+    }
+    lim.rlim_cur.saturating_sub(RESERVE).min(i64::MAX as u64) as i64
+}
+
+impl Disk {
+    /// Opens host file `i`, checking it is still the file that was scanned.
+    fn open_host(&self, i: usize) -> Result<File> {
+        let h = &self.hosts[i];
+        let f = File::options()
+            .read(true)
+            // O_NONBLOCK: a FIFO swapped in since the scan must not hang the open.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&h.path)
+            // EIO whatever the cause: the disk is there, this part of it is not.
+            .map_err(|e| Error::io(Error::os(format_args!("open: {}", h.path.display()), e).message().to_string()))?;
+        let m = f.metadata().map_err(|e| Error::os(format_args!("fstat: {}", h.path.display()), e))?;
+        if (m.dev(), m.ino()) != (h.dev, h.ino) || !m.is_file() {
+            return Err(Error::io(format!("{}: file was replaced since the floppy was made", h.path.display())));
+        }
+        Ok(f)
+    }
+
+    fn changed(&self, i: usize, now: u64) -> Error {
+        let h = &self.hosts[i];
+        Error::io(format!("{}: file changed size while served (was {} bytes, now {now}): \
+                           the floppy cannot follow, restart the server", h.path.display(), h.size))
+    }
+
+    /// EIO unless host file `i` (open as `f`) still has its scanned size.
+    fn check_size(&self, i: usize, f: &File) -> Result<()> {
+        let now = sys::size(f).map_err(|e| Error::os(format_args!("fstat: {}", self.hosts[i].path.display()), e))?;
+        if now != self.hosts[i].size {
+            return Err(self.changed(i, now));
+        }
+        Ok(())
+    }
+
+    /// Reads `buf` from host file `i` at `offset` (within its size).
+    fn read_host(&self, i: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        let temp;
+        let f = match self.open[i].get() {
+            Some(f) => f,
+            None => {
+                let f = self.open_host(i)?;
+                if self.fd_budget.fetch_sub(1, Ordering::Relaxed) > 0 {
+                    if let Err(f) = self.open[i].set(f) {
+                        drop(f); // another connection was first
+                        self.fd_budget.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.open[i].get().expect("set above")
+                } else {
+                    self.fd_budget.fetch_add(1, Ordering::Relaxed);
+                    temp = f;
+                    &temp
+                }
+            }
+        };
+        self.check_size(i, f)?;
+        let h = &self.hosts[i];
+        let mut done = 0;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    let now = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    return Err(self.changed(i, now));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::os(format_args!("pread: {}: offset={offset}, count={}", h.path.display(), buf.len()), e))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` from disk offset `offset` (the range is inside the disk).
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_with(buf, offset, &mut |i, data, o| self.read_host(i, data, o)).map(|_| ())
+    }
+
+    /// `read`, but a host file's bytes only if they are in the page cache
+    /// of a file already open: `None` means "would block" (nothing is
+    /// wrong, the caller reads again the usual way).
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        let mut blocked = false;
+        let r = self.read_with(buf, offset, &mut |i, data, o| {
+            let Some(f) = self.open[i].get() else {
+                blocked = true;
+                return Err(Error::io("would block"));
+            };
+            self.check_size(i, f)?;
+            match sys::pread_nowait(f, data, o) {
+                Ok(true) => Ok(()),
+                Ok(false) | Err(_) => {
+                    // Not cached, or an error the blocking path reports.
+                    blocked = true;
+                    Err(Error::io("would block"))
+                }
+            }
+        });
+        if blocked { None } else { Some(r) }
+    }
+
+    /// The walk over regions; `host(i, buf, offset)` reads host file `i`.
+    fn read_with(&self, buf: &mut [u8], offset: u64,
+                 host: &mut HostRead<'_>) -> Result<()> {
+        let l = &self.layout;
+        let mut r = l.region_at(offset);
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let region = l.regions.get(r).ok_or_else(|| Error::io("floppy: read past the end of the disk"))?;
+            let o = offset + pos as u64 - region.start; // offset inside the region
+            let n = ((region.len - o) as usize).min(buf.len() - pos);
+            let out = &mut buf[pos..pos + n];
+            match region.kind {
+                Kind::Zero => out.fill(0),
+                Kind::Blob(b) => copy_padded(out, &l.blobs[b], o),
+                Kind::Fat => l.read_fat(out, o),
+                Kind::File(i) => {
+                    let size = self.hosts[i].size;
+                    let k = (size.saturating_sub(o) as usize).min(n);
+                    let (data, pad) = out.split_at_mut(k);
+                    if k > 0 {
+                        host(i, data, o)?;
+                    }
+                    pad.fill(0);
+                }
+            }
+            pos += n;
+            r += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `buf` from host file `i` at an offset inside the file.
+type HostRead<'a> = dyn FnMut(usize, &mut [u8], u64) -> Result<()> + 'a;
+
+/// Copies `src[o..]` into `out`, zeroes past the end of `src`.
+fn copy_padded(out: &mut [u8], src: &[u8], o: u64) {
+    let start = (o as usize).min(src.len());
+    let k = (src.len() - start).min(out.len());
+    out[..k].copy_from_slice(&src[start..start + k]);
+    out[k..].fill(0);
+}
+
+struct FloppyHandle {
+    disk: Arc<Disk>,
+}
+
+impl Handle for FloppyHandle {
+    fn size(&self) -> Result<u64> {
+        Ok(self.disk.layout.geometry.disk_size)
+    }
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps { multi_conn: true, cache: Support::Emulate, extents: true, ..Caps::default() })
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        Ok(Some(BlockSize { min: 1, preferred: 512, max: u32::MAX }))
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        self.disk.read(buf, offset)
+    }
+    /// Metadata always, file bytes from the page cache: the server then
+    /// answers on the thread that read the request.
+    fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        self.disk.read_nowait(buf, offset)
+    }
+    /// Zero regions (the gap before the partition, the free space of
+    /// `size=`) are holes; the rest is data.
+    fn extents(&self, count: u64, offset: u64, _flags: Flags, ext: &mut Extents) -> Result<()> {
+        let l = &self.disk.layout;
+        let end = offset.saturating_add(count);
+        for region in &l.regions[l.region_at(offset)..] {
+            if region.start >= end {
+                break;
+            }
+            let typ = if region.kind == Kind::Zero { extents::HOLE | extents::ZERO } else { 0 };
+            ext.add(region.start, region.len, typ)?;
+        }
+        Ok(())
+    }
+}
+
+inventory::submit! {
+    PluginEntry {
+        name: "floppy",
+        longname: "nbdkit floppy plugin",
+        description: "nbdkit floppy plugin: a FAT32 disk made from the files of a directory",
+        help: "dir=<DIRECTORY>     (required) The directory to serve.\n\
+               label=<LABEL>                  The volume label.\n\
+               size=<SIZE>                    Total size of filesystem.",
+        magic_key: Some("dir"),
+        api_version: 1,
+        max_thread_model: ThreadModel::Parallel,
+        errno_is_preserved: true,
+        has: &["longname", "load", "unload", "config", "config_complete", "config_help", "get_ready",
+               "after_fork", "open", "get_size", "block_size", "can_multi_conn", "can_extents", "can_cache",
+               "_pread_v1", "extents"],
+        new: || Box::<Floppy>::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,120 @@
+use super::*;
+
+struct Tmp(PathBuf);
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn tmp(tag: &str) -> Tmp {
+    let d = std::env::temp_dir().join(format!("floppy-unit-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    Tmp(d)
+}
+
+fn ready(dir: &std::path::Path, extra: &[(&str, &str)]) -> std::result::Result<Floppy, String> {
+    ready_(dir, extra).map_err(|e| e.message().to_string())
+}
+
+fn ready_(dir: &std::path::Path, extra: &[(&str, &str)]) -> Result<Floppy> {
+    let mut p = Floppy::default();
+    p.config("dir", dir.to_str().unwrap())?;
+    for (k, v) in extra {
+        p.config(k, v)?;
+    }
+    p.config_complete()?;
+    p.get_ready()?;
+    Ok(p)
+}
+
+/// The bytes of the first cluster of host file `i` on the disk.
+fn file_offset(p: &Floppy, i: usize) -> u64 {
+    let l = &p.disk.as_ref().unwrap().layout;
+    let c = u64::from(l.file_clusters[i]);
+    (l.geometry.data_start() + (c - 2) * layout::SECTORS_PER_CLUSTER) * layout::SECTOR
+}
+
+#[test]
+fn file_bytes_then_zero_padding() {
+    let t = tmp("bytes");
+    std::fs::write(t.0.join("a"), b"hello").unwrap();
+    let p = ready(&t.0, &[]).unwrap();
+    let h = p.open(true, "", false).unwrap();
+    let mut buf = [0xaau8; 8];
+    h.pread(&mut buf, file_offset(&p, 0), Flags::NONE).unwrap();
+    assert_eq!(&buf, b"hello\0\0\0");
+    let mut mbr = [0u8; 512];
+    h.pread(&mut mbr, 0, Flags::NONE).unwrap();
+    assert_eq!(&mbr[510..], [0x55, 0xaa]);
+    // One read across every region of the disk.
+    let mut all = vec![0u8; h.size().unwrap() as usize];
+    h.pread(&mut all, 0, Flags::NONE).unwrap();
+    let o = file_offset(&p, 0) as usize;
+    assert_eq!(&all[o..o + 5], b"hello");
+}
+
+#[test]
+fn shrunk_or_grown_file_is_eio_never_other_bytes() {
+    let t = tmp("shrink");
+    std::fs::write(t.0.join("a"), vec![1u8; 20000]).unwrap();
+    std::fs::write(t.0.join("b"), vec![2u8; 20000]).unwrap();
+    let p = ready(&t.0, &[]).unwrap();
+    let h = p.open(true, "", false).unwrap();
+    let mut buf = vec![0u8; 4096];
+    h.pread(&mut buf, file_offset(&p, 0) + 16384, Flags::NONE).unwrap();
+    assert!(buf[..20000 - 16384].iter().all(|&b| b == 1));
+    std::fs::OpenOptions::new().write(true).open(t.0.join("a")).unwrap().set_len(100).unwrap();
+    let e = h.pread(&mut buf, file_offset(&p, 0), Flags::NONE).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Io);
+    assert!(e.message().contains("changed size"), "{}", e.message());
+    std::fs::write(t.0.join("b"), vec![3u8; 30000]).unwrap();
+    assert_eq!(h.pread(&mut buf, file_offset(&p, 1), Flags::NONE).unwrap_err().kind(), crate::error::ErrorKind::Io);
+}
+
+#[test]
+fn config_errors() {
+    let t = tmp("cfg");
+    let mut p = Floppy::default();
+    assert!(p.config_complete().unwrap_err().message().contains("dir=<DIRECTORY>"));
+    p.config("dir", t.0.to_str().unwrap()).unwrap();
+    assert!(p.config("dir", t.0.to_str().unwrap()).unwrap_err().message().contains("only be set once"));
+    assert!(ready(&t.0, &[("size", "1M")]).err().unwrap().contains("larger than \"size\""));
+    assert!(ready(&t.0, &[("size", "2M")]).is_ok());
+}
+
+#[test]
+fn nowait_reads_metadata_and_cached_files_only() {
+    let t = tmp("nowait");
+    std::fs::write(t.0.join("a"), vec![7u8; 5000]).unwrap();
+    let p = ready(&t.0, &[]).unwrap();
+    let h = p.open(true, "", false).unwrap();
+    let mut mbr = [0u8; 512];
+    assert!(h.pread_nowait(&mut mbr, 0).unwrap().is_ok());
+    assert_eq!(&mbr[510..], [0x55, 0xaa]);
+    let at = file_offset(&p, 0);
+    let mut buf = [0u8; 6000];
+    h.pread(&mut buf, at, Flags::NONE).unwrap();
+    let mut again = [1u8; 6000];
+    // Open and just read, so cached (a kernel without RWF_NOWAIT says None).
+    if let Some(r) = h.pread_nowait(&mut again, at) {
+        r.unwrap();
+        assert_eq!(buf, again);
+        assert!(again[..5000].iter().all(|&b| b == 7) && again[5000..].iter().all(|&b| b == 0));
+    }
+    std::fs::write(t.0.join("a"), vec![7u8; 10]).unwrap();
+    assert!(matches!(h.pread_nowait(&mut again, at), Some(Err(_))));
+}
+
+#[test]
+fn deleted_file_is_eio() {
+    let t = tmp("deleted");
+    std::fs::write(t.0.join("a"), b"x").unwrap();
+    let p = ready(&t.0, &[]).unwrap();
+    let h = p.open(true, "", false).unwrap();
+    std::fs::remove_file(t.0.join("a")).unwrap();
+    // Not opened yet (no after_fork here): the read opens it, and fails.
+    let e = h.pread(&mut [0u8; 1], file_offset(&p, 0), Flags::NONE).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Io);
+    assert!(e.message().starts_with("open: "), "{}", e.message());
+}
