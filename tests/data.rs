@@ -193,6 +193,37 @@ fn the_ast_is_printed_with_debug_flag() {
 }
 
 #[test]
+fn help_and_debug_flags_as_nbdkit() {
+    let ours = |args: &[&str]| {
+        let out = Command::new(nbdkit_bin()).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (_, help) = ours(&["data", "--help"]);
+    assert!(help.contains("\nplugin: data\n(built in)\ndata|raw|base64=...     Specify disk data on the command line\n\
+                           size=<SIZE>             Size of the backing disk\n"), "{help}");
+    let (_, dump) = ours(&["data", "--dump-plugin"]);
+    for line in ["name=data", "magic_config_key=data", "has_extents=1", "data_base64=yes"] {
+        assert!(dump.lines().any(|l| l == line), "{line} in {dump}");
+    }
+    // Declared flags are quiet, others get nbdkit's warning.
+    let run = |args: &[&str]| ours(&[&["-U", "-"][..], args, &["--run", "true"]].concat()).1;
+    assert_eq!(run(&["-D", "data.AST=0", "-D", "data.dir=1", "data", "1"]), "");
+    assert_eq!(run(&["-D", "memory.dir=1", "memory", "1M"]), "");
+    assert_eq!(run(&["-D", "data.foo=1", "data", "1"]),
+               "nbdkit: warning: -D data.foo: data does not contain a global variable called data_debug_foo\n");
+    assert_eq!(run(&["-D", "memory.x.y=1", "memory", "1M"]),
+               "nbdkit: warning: -D memory.x.y: memory does not contain a global variable called memory_debug_x_y\n");
+    if let Some(reference) = reference_nbdkit() {
+        let theirs = Command::new(&reference).args(["-U", "-", "-D", "data.foo=1", "data", "1", "--run", "true"]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&theirs.stderr), run(&["-D", "data.foo=1", "data", "1"]));
+        let theirs = Command::new(reference).args(["data", "--help"]).output().unwrap();
+        let theirs = String::from_utf8_lossy(&theirs.stdout);
+        let tail = |s: &str| s.lines().skip_while(|l| !l.starts_with("data|")).collect::<Vec<_>>().join("\n");
+        assert_eq!(tail(&theirs), tail(&help));
+    }
+}
+
+#[test]
 fn suffixes_and_variables_of_1_44() {
     require!("nbdcopy", "--version");
     // nbdkit 1.44: @ takes size suffixes; a number starting with 0 is %i.

@@ -147,7 +147,7 @@ impl Image {
                 if p.len == unit.len {
                     match &p.src {
                         Src::Fill(b) => return self.put(start, Piece { len: total, src: Src::Fill(*b), off: 0 }),
-                        Src::Repeat(inner) if inner.len > 0 && unit.len % inner.len == 0 => {
+                        Src::Repeat(inner) if inner.len > 0 && unit.len.is_multiple_of(inner.len) => {
                             let off = p.off % inner.len;
                             return self.put(start, Piece { len: total, src: Src::Repeat(inner.clone()), off });
                         }
