@@ -101,7 +101,7 @@ impl Image {
 
     /// Recomputes `nonzero` after pieces were placed or cleared.
     pub fn refresh(&mut self) {
-        self.nonzero = self.pieces.iter().any(|(&k, p)| piece_any_nonzero(p, 0, p.len.min(self.len.saturating_sub(k))));
+        self.nonzero = self.pieces.iter().any(|(&k, p)| piece_any_nonzero(p, p.off, p.len.min(self.len.saturating_sub(k))));
     }
 
     /// Copies `[off, off+len)` of `sub` to `start` (over what was there):

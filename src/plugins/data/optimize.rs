@@ -104,6 +104,8 @@ fn mul(a: u64, b: u64) -> Result<u64> {
 fn repeat(inner: Expr, n: u64) -> Result<Expr> {
     Ok(match (inner, n) {
         (_, 0) => Expr::List(Vec::new()),
+        // A binding made inside the repeat must not leak into the parent.
+        (e @ Expr::Assign(..), 1) => Expr::List(vec![e]),
         (e, 1) => e,
         (Expr::Byte(b), n) => Expr::Fill(b, n),
         (Expr::Fill(b, m), n) => Expr::Fill(b, mul(m, n)?),

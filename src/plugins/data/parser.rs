@@ -500,4 +500,21 @@ mod tests {
         let ok = "(".repeat(MAX_DEPTH) + "1" + &")".repeat(MAX_DEPTH);
         assert!(p(&ok).is_ok());
     }
+
+    proptest::proptest! {
+        /// Hostile input: any string parses or fails cleanly, and so does
+        /// optimizing what it parses to (no evaluation: it could run
+        /// scripts).
+        #[test]
+        fn never_panics(s in "[ -~\t\n]{0,60}", t in proptest::collection::vec(proptest::sample::select(vec![
+            "(", ")", "0", "1", "0x", "255", "@", "@+", "@-", "@^", "8", "*", "[", ":", "]", "\"", "\\", "le16:", "be64:",
+            "-> \\a", "\\a", "$v", "<", "#", "\n", " ", "k", "4294967296", "18446744073709551615"]), 0..30)) {
+            let vars = |k: &str| (k == "v").then(|| "1 (2)".to_string());
+            for src in [s, t.concat()] {
+                if let Ok(e) = parse(&src, &vars) {
+                    let _ = super::super::optimize::optimize(e);
+                }
+            }
+        }
+    }
 }
