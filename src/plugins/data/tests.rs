@@ -117,3 +117,102 @@ fn copied_pages_keep_their_allocation() {
     h.pwrite(&[0], 65537, Flags::NONE).unwrap();
     assert_eq!(extents(&*h, 0, 65538), [(0, 32768, ZERO), (32768, 32768, HOLE | ZERO), (65536, 2, ZERO)]);
 }
+
+mod overlay {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A pattern with data, allocated zeroes, holes and a lazy repeat.
+    const PATTERN: &str = "( 0x55 0xAA )*50000 @^32768 0 @+70000 ( 1 @40000 )*3 @+1 0 0 @300001";
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, usize, u8),
+        Zero(u64, u64),
+        Trim(u64, u64),
+        Read(u64, usize),
+    }
+
+    fn op(size: u64) -> impl Strategy<Value = Op> {
+        let at = move || 0..size;
+        prop_oneof![
+            (at(), 1usize..70_000, any::<u8>()).prop_map(|(o, n, b)| Op::Write(o, n, b)),
+            (at(), 1u64..100_000).prop_map(|(o, n)| Op::Zero(o, n)),
+            (at(), 1u64..100_000).prop_map(|(o, n)| Op::Trim(o, n)),
+            (at(), 1usize..100_000).prop_map(|(o, n)| Op::Read(o, n)),
+        ]
+    }
+
+    /// nbdkit's sparse allocator after evaluating the pattern, as bytes and
+    /// an allocated flag per page.
+    fn model(h: &dyn Handle, size: u64) -> (Vec<u8>, Vec<bool>) {
+        let bytes = read(h, 0, size as usize);
+        let mut alloc = vec![false; size.div_ceil(PAGE) as usize];
+        let mut ext = Extents::new(0, size);
+        h.extents(size, 0, Flags::NONE, &mut ext).unwrap();
+        for e in ext.list() {
+            if e.typ & HOLE == 0 {
+                for p in e.offset / PAGE..(e.offset + e.length).div_ceil(PAGE) {
+                    alloc[p as usize] = true;
+                }
+            }
+        }
+        (bytes, alloc)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Writes, zeroes and trims over the pattern read back as on a
+        /// plain disk, and block status follows a sparse allocator's rules.
+        #[test]
+        fn overlay_behaves_like_a_materialized_disk(ops in prop::collection::vec(op(300_001), 1..12)) {
+            let h = open(&[("data", PATTERN)]);
+            let size = h.size().unwrap();
+            let (mut bytes, mut alloc) = model(&*h, size);
+            let page_data = |bytes: &[u8], p: usize| {
+                let s = p * PAGE as usize;
+                bytes[s..(s + PAGE as usize).min(bytes.len())].iter().any(|&c| c != 0)
+            };
+            for op in ops {
+                match op {
+                    Op::Write(o, n, b) => {
+                        let n = n.min((size - o) as usize);
+                        let data: Vec<u8> = (0..n).map(|i| b.wrapping_add(i as u8)).collect();
+                        h.pwrite(&data, o, Flags::NONE).unwrap();
+                        bytes[o as usize..o as usize + n].copy_from_slice(&data);
+                        for p in o / PAGE..(o + n as u64).div_ceil(PAGE) {
+                            alloc[p as usize] = true;
+                        }
+                    }
+                    Op::Zero(o, n) | Op::Trim(o, n) => {
+                        let n = n.min(size - o);
+                        if matches!(op, Op::Zero(..)) {
+                            h.zero(n, o, Flags::MAY_TRIM).unwrap();
+                        } else {
+                            h.trim(n, o, Flags::NONE).unwrap();
+                        }
+                        bytes[o as usize..(o + n) as usize].fill(0);
+                        for p in o / PAGE..(o + n).div_ceil(PAGE) {
+                            alloc[p as usize] = alloc[p as usize] && page_data(&bytes, p as usize);
+                        }
+                    }
+                    Op::Read(o, n) => {
+                        let n = n.min((size - o) as usize);
+                        prop_assert!(read(&*h, o, n) == bytes[o as usize..o as usize + n]);
+                    }
+                }
+            }
+            prop_assert!(read(&*h, 0, size as usize) == bytes);
+            let mut ext = Extents::new(0, size);
+            h.extents(size, 0, Flags::NONE, &mut ext).unwrap();
+            prop_assert_eq!(ext.covered_to(), size);
+            for e in ext.list() {
+                for p in e.offset / PAGE..(e.offset + e.length).div_ceil(PAGE) {
+                    let want = if page_data(&bytes, p as usize) { 0 } else if alloc[p as usize] { ZERO } else { HOLE | ZERO };
+                    prop_assert_eq!(e.typ, want, "page {}", p);
+                }
+            }
+        }
+    }
+}
