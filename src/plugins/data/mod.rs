@@ -415,4 +415,6 @@ inventory::submit! {
 }
 
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod tests;
