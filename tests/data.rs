@@ -130,6 +130,9 @@ fn every_construct_matches_nbdkit() {
         &[" ( 0x55 0xAA ) -> \\boot-signature ( @0x1fe \\boot-signature ) -> \\sector \\sector \\sector "],
         &["1 -> \\a \\a -> \\b 2 -> \\a \\b \\a ( 3 -> \\a \\a \\b ) \\a"],
         &["0 -> \\z \\z \\z"],
+        &["( 1 2 ) -> \\a \\a*3 \\a[1:] ( @^8 \\a @^8 )*2 ( \\a -> \\b \\b \\b )*2"],
+        &["$outer @^16 $outer", "outer=( $inner )*2 9", "inner=1 @+3"],
+        &["( 0x55 0xAA )*40000 @0 ( 0 @70000 )[1:40000] @^32768 ( 1 @40000 ( 0 @40000 )*2 )[35000:100000]"],
         &["$pattern*16 @^512", "pattern=0x55 0xAA"],
         &["$v", "v=0"],
         // Sizes and allocators.

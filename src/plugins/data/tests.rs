@@ -216,3 +216,24 @@ mod overlay {
         }
     }
 }
+
+#[test]
+fn deepest_nesting_reads_on_a_small_stack() {
+    // 1000 nested groups of 40 pieces each: every level refers to the next
+    // (too many pieces to copy), so a read at the end goes 1000 deep.
+    let level = "1 @+1 ".repeat(40);
+    let src = format!("{}{}", format!("( {level}").repeat(999), ")".repeat(999));
+    let h = open(&[("data", &src)]);
+    let size = h.size().unwrap();
+    assert_eq!(size, 999 * 80);
+    // The server's workers have Rust's default 2 MiB stacks.
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            assert_eq!(read(&*h, size - 3, 3), [0, 1, 0]);
+            assert_eq!(extents(&*h, 0, size), [(0, size, 0)]);
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
