@@ -126,6 +126,9 @@ fn every_construct_matches_nbdkit() {
         &["0*1 @40000 (0)*2 @70000 0*50000000 1"],
         &["1 @0 ( 0 )", "size=100000"],
         &["@65536 1 @32768 0 @100 0 0"],
+        &["\"\\x00\" 0 0 @40000 ( 0 @1000 1 )*5[0:200]"],
+        &["( ( 0 0 ) )[0:1] @5 0*7[2:3]"],
+        &["( le16:0 ) 0 0 ( \"\\x00\\x01a\" )[0:1]"],
         // Names, lexical capture, variables.
         &[" ( 0x55 0xAA ) -> \\boot-signature ( @0x1fe \\boot-signature ) -> \\sector \\sector \\sector "],
         &["1 -> \\a \\a -> \\b 2 -> \\a \\b \\a ( 3 -> \\a \\a \\b ) \\a"],

@@ -246,6 +246,8 @@ fn eval(e: &Expr, env: &mut Env, out: &mut Out<'_>) -> Result<()> {
             let unit = scope(x, env.clone())?;
             out.repeat(&unit, *count)
         }
+        // An empty slice is not evaluated at all (nbdkit does not either).
+        Expr::Slice(_, n, Some(m)) if n == m => Ok(()),
         Expr::Slice(x, n, m) => {
             let inner = match &**x {
                 Expr::List(v) if v.len() == 1 => &v[0],

@@ -202,14 +202,15 @@ impl Image {
             .map(|(&k, p)| (k, k + p.len))
     }
 
-    /// True if every page-sized window inside `[offset, offset+len)` that
-    /// lies within one piece certainly holds data (a dense fill or a
-    /// repeat of a unit without long zero runs): `(piece end)` if so.
+    /// The end of the piece holding `offset`, if every window of `window`
+    /// bytes inside that piece certainly holds data: a fill, or a repeat
+    /// of a unit with data no longer than the window (which then holds a
+    /// whole period).
     pub fn dense_until(&self, offset: u64, window: u64) -> Option<u64> {
         let (&k, p) = self.pieces.range(..=offset).next_back().filter(|(&k, p)| k + p.len > offset)?;
         match &p.src {
             Src::Fill(_) => Some(k + p.len),
-            Src::Repeat(unit) if unit.len <= window / 2 && unit.nonzero => Some(k + p.len),
+            Src::Repeat(unit) if unit.len <= window && unit.nonzero => Some(k + p.len),
             _ => None,
         }
     }

@@ -285,7 +285,7 @@ impl Disk {
             let (data, mut run_end) = match img.next_piece(pstart) {
                 None => (false, end),
                 Some((s, _)) if s >= pend => (false, s / PAGE * PAGE),
-                Some(_) => match img.dense_until(pstart, PAGE) {
+                Some(_) => match img.dense_until(pstart, pend - pstart) {
                     Some(d) if d >= pend => (true, (d / PAGE * PAGE).max(pend)),
                     _ => (img.any_nonzero(pstart, pend - pstart), pend),
                 },

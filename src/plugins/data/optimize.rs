@@ -54,16 +54,22 @@ fn list(v: Vec<Expr>) -> Result<Vec<Expr>> {
             push_merged(&mut out, e);
         }
     }
-    out.retain(|e| !matches!(e, Expr::Str(s) if s.is_empty()) && !matches!(e, Expr::Fill(_, 0)));
     Ok(out)
 }
 
 /// Appends `e`, merging it with the previous expression where the bytes
-/// are written the same way; a merged string of one repeated byte turns
-/// into a fill at once (so it no longer merges with strings).
+/// are written the same way.
 fn push_merged(out: &mut Vec<Expr>, e: Expr) {
+    // Nothing written: gone before it can keep neighbours apart.
+    if matches!(&e, Expr::Str(s) if s.is_empty()) || matches!(e, Expr::Fill(_, 0)) {
+        return;
+    }
+    let same = |s: &[u8], b: u8| s.iter().all(|&c| c == b);
     let last = out.pop();
     let merged = match (last, e) {
+        // Two equal bytes make a fill, any other merge a string (nbdkit:
+        // `0 0` is a hole, `"\x00" 0 0` is written).
+        (Some(Expr::Byte(a)), Expr::Byte(b)) if a == b => Ok(Expr::Fill(a, 2)),
         (Some(Expr::Byte(a)), Expr::Byte(b)) => Ok(Expr::Str(vec![a, b])),
         (Some(Expr::Byte(a)), Expr::Str(s)) => Ok(Expr::Str([&[a][..], &s].concat())),
         (Some(Expr::Str(mut s)), Expr::Byte(b)) => {
@@ -77,10 +83,16 @@ fn push_merged(out: &mut Vec<Expr>, e: Expr) {
         (Some(Expr::Fill(a, n)), Expr::Fill(b, m)) if a == b && n.checked_add(m).is_some() => Ok(Expr::Fill(a, n + m)),
         (Some(Expr::Fill(a, n)), Expr::Byte(b)) if a == b && n < u64::MAX => Ok(Expr::Fill(a, n + 1)),
         (Some(Expr::Byte(a)), Expr::Fill(b, m)) if a == b && m < u64::MAX => Ok(Expr::Fill(a, m + 1)),
+        // A string of the fill's byte joins the fill.
+        (Some(Expr::Fill(a, n)), Expr::Str(s)) if same(&s, a) && n.checked_add(s.len() as u64).is_some() => {
+            Ok(Expr::Fill(a, n + s.len() as u64))
+        }
+        (Some(Expr::Str(s)), Expr::Fill(b, m)) if same(&s, b) && m.checked_add(s.len() as u64).is_some() => {
+            Ok(Expr::Fill(b, m + s.len() as u64))
+        }
         (last, e) => Err((last, e)),
     };
     match merged {
-        Ok(Expr::Str(s)) => out.push(string(s)),
         Ok(m) => out.push(m),
         Err((last, e)) => {
             out.extend(last);
@@ -115,28 +127,22 @@ fn repeat(inner: Expr, n: u64) -> Result<Expr> {
     })
 }
 
-fn bad_slice() -> Error {
-    Error::invalid("[N:M] does not describe a valid slice")
-}
-
+/// Slices of strings and fills are cut at once; a slice out of range is
+/// left for the evaluator, which reports it only if the expression is
+/// used (an unused binding may hold one, as in nbdkit).
 fn slice(inner: Expr, n: u64, m: Option<u64>) -> Result<Expr> {
     Ok(match inner {
         Expr::Byte(b) => slice(Expr::Str(vec![b]), n, m)?,
-        Expr::Str(s) => {
+        Expr::Str(s) if n <= m.unwrap_or(s.len() as u64) && m.unwrap_or(0) <= s.len() as u64 => {
             let m = m.unwrap_or(s.len() as u64);
-            if n > m || m > s.len() as u64 {
-                return Err(bad_slice());
-            }
             // A slice is copied in like a group: keep what allocates alike.
             Expr::Str(s[n as usize..m as usize].to_vec())
         }
-        Expr::Fill(b, len) => {
-            let m = m.unwrap_or(len);
-            if n > m || m > len {
-                return Err(bad_slice());
-            }
-            Expr::Fill(b, m - n)
-        }
+        // One byte of a fill is a byte (written, as nbdkit does).
+        Expr::Fill(b, len) if n <= m.unwrap_or(len) && m.unwrap_or(0) <= len => match m.unwrap_or(len) - n {
+            1 => Expr::Byte(b),
+            k => Expr::Fill(b, k),
+        },
         e => Expr::Slice(Box::new(e), n, m),
     })
 }
@@ -167,6 +173,9 @@ mod tests {
         assert_eq!(opt("( 0 0 ) 0"), "fill(0*3)");
         assert_eq!(opt("0 0 \"\\x00\\x01\""), "( fill(0*2) \"\\x00\\x01\" )");
         assert_eq!(opt("0 0 0 1"), "( fill(0*3) 1 )");
+        assert_eq!(opt("( ( 0 0 ) )[0:1]"), "0");
+        assert_eq!(opt("\"\\x00\" 0 0"), "\"\\x00\\x00\\x00\"");
+        assert_eq!(opt("( le16:0 ) 0 0 ( \"\\x00\\x01a\" )[0:1]"), "fill(0*5)");
         assert_eq!(opt("1 0 0"), "\"\\x01\\x00\\x00\"");
         assert_eq!(opt("\"ab\"*3"), "\"ababab\"");
         assert_eq!(opt("\"ab\"*3000"), "( \"ab\" ) *3000");
@@ -184,8 +193,10 @@ mod tests {
     fn overflow_and_bad_slices() {
         let e = |s: &str| optimize(parse(s, &|_: &str| None).unwrap()).unwrap_err().message().to_string();
         assert_eq!(e("1*4294967296*4294967296"), "multiplication overflow: 4294967296*4294967296");
-        assert_eq!(e("\"abc\"[2:1]"), "[N:M] does not describe a valid slice");
-        assert_eq!(e("\"abc\"[0:4]"), "[N:M] does not describe a valid slice");
+        // Bad slices are left for the evaluator (an unused binding may hold one).
+        let keep = |s: &str| optimize(parse(s, &|_: &str| None).unwrap()).unwrap();
+        assert!(matches!(keep("\"abc\"[2:1]"), Expr::Slice(..)));
+        assert!(matches!(keep("0*2[0:3]"), Expr::Slice(..)));
         assert_eq!(optimize(Expr::Slice(Box::new(Expr::Fill(1, 10)), 2, None)).unwrap(), Expr::Fill(1, 8));
         assert_eq!(optimize(Expr::Offset(Move::Abs, 3)).unwrap(), Expr::Offset(Move::Abs, 3));
     }
