@@ -578,3 +578,109 @@ fn bad_expressions_fail_at_start_up() {
     nbdsh_ok(&srv, "assert h.get_size() == 1000005\nassert h.pread(4, 0) == b'y\\ny\\n'");
     srv.health_check();
 }
+
+/// Starts `bin data ARGS` and returns its map and sum, or None if it
+/// refused the expression.
+fn try_map_and_sum(bin: &Path, expr: &str) -> Option<(String, String)> {
+    let dir = TempDir::new("datarand");
+    let sock = dir.path("sock");
+    let child = Command::new(bin)
+        .args(["-f", "-U"])
+        .arg(&sock)
+        .args(["data", expr])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut srv = Server { child, sock, dir };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&srv.sock).is_err() {
+        if !srv.alive() {
+            return None;
+        }
+        assert!(Instant::now() < deadline, "{bin:?} data {expr:?} did not start");
+        thread::sleep(Duration::from_millis(5));
+    }
+    Some(map_and_sum(&srv))
+}
+
+/// A random data expression (a small xorshift generator, fixed seeds, so
+/// the cases are the same on every run): bytes, strings, words, fills,
+/// offsets, groups, repeats, slices and bindings, nested.
+fn random_expr(seed: &mut u64, depth: u32) -> String {
+    let mut next = |n: u64| {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed % n
+    };
+    let pick = |i: u64, v: &[&str]| v[i as usize % v.len()].to_string();
+    if depth > 3 || next(10) < 4 {
+        return match next(10) {
+            0 => pick(next(5), &["0", "0", "1", "255", "0x55"]),
+            1 => format!("\"{}\"", (0..next(4)).map(|_| pick(next(4), &["\\x00", "a", "\\x01", "\\x00\\x00"])).collect::<String>()),
+            2 => format!("{}*{}", pick(next(3), &["0", "1", "7"]), pick(next(7), &["0", "1", "2", "3", "100", "40000", "70000"])),
+            3 => format!("@{}", pick(next(8), &["0", "1", "100", "32767", "32768", "40000", "70000", "100000"])),
+            4 => format!("@+{}", pick(next(6), &["0", "1", "3", "1000", "32768", "50000"])),
+            5 => format!("@^{}", pick(next(6), &["1", "2", "512", "4096", "32768", "65536"])),
+            6 => pick(next(3), &["le16:0", "le16:1", "be32:256"]),
+            7 if depth > 0 => "\\a".to_string(),
+            8 => pick(next(6), &["0 0", "1 1", "\"\\x00\\x00\\x00\"", "0 1 0", "\"aa\"", "\"\\x00\" 0"]),
+            _ => pick(next(3), &["1", "2", "0"]),
+        };
+    }
+    let inner: Vec<String> = (0..1 + next(3)).map(|_| random_expr(seed, depth + 1)).collect();
+    let inner = inner.join(" ");
+    let mut next = |n: u64| {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed % n
+    };
+    match next(6) {
+        0 => format!("( {inner} )*{}", [0, 1, 2, 3, 5][next(5) as usize]),
+        1 => {
+            let n = [0, 0, 1, 100][next(4) as usize];
+            let m = ["", "200", "40000"][next(3) as usize];
+            format!("( {inner} )[{n}:{m}]")
+        }
+        2 => format!("( {inner} ) -> \\a"),
+        3 => format!("( {inner} )*{}[{}:{}]", [2, 3, 1000][next(3) as usize], next(6), 6 + next(50_000)),
+        _ => format!("( {inner} )"),
+    }
+}
+
+#[test]
+fn random_expressions_match_nbdkit() {
+    require!("nbdinfo", "--version");
+    require!("nbdcopy", "--version");
+    let Some(reference) = reference_nbdkit() else { return };
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let exprs: Vec<String> = (0..200)
+        .map(|_| {
+            let n = 1 + seed % 4;
+            (0..n).map(|_| random_expr(&mut seed, 0)).collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    let ours = nbdkit_bin();
+    let mut served = 0;
+    for chunk in exprs.chunks(4) {
+        let results: Vec<_> = thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|e| {
+                    let (ours, reference) = (&ours, &reference);
+                    s.spawn(move || (e, try_map_and_sum(ours, e), try_map_and_sum(reference, e)))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (e, a, b) in results {
+            assert_eq!(a, b, "data {e:?}: ours (left) and nbdkit's (right) differ");
+            served += usize::from(a.is_some());
+        }
+    }
+    // Most expressions are valid (the rest must fail in both).
+    eprintln!("{served} of 200 expressions served by both");
+    assert!(served > 60, "only {served} of 200 served");
+}
