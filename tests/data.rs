@@ -573,6 +573,15 @@ fn bad_expressions_fail_at_start_up() {
     let mut srv = Server::start(&["data", "(1 2 3)*1000000000000 0*1000000000000 <(head -c 1000 /dev/urandom)"]);
     nbdsh_ok(&srv, "assert h.get_size() == 4000000001000\nassert h.pread(3, 2999999999997) == b'\\x01\\x02\\x03'");
     srv.health_check();
+    // A script that would hang, sliced: its process group is killed once
+    // the slice has its bytes (nbdkit waits for it), and nothing is left.
+    let t = Instant::now();
+    let mut srv = Server::start(&["data", "<(printf ab; sleep 987.654 & sleep 987.654)[0:2] <(exec sleep 999)[0:0]", "size=1M"]);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    nbdsh_ok(&srv, "assert h.pread(2, 0) == b'ab'");
+    srv.health_check();
+    let ps = run_ok("ps", &["-eo", "args"]);
+    assert!(!ps.lines().any(|l| l.trim() == "sleep 987.654"), "a script's child was left running:\n{ps}");
     // An infinite script, sliced, whose exit status is ignored.
     let mut srv = Server::start(&["data", "<(yes; exit 1)[0:1000000] <(cat /dev/zero)[5:10]"]);
     nbdsh_ok(&srv, "assert h.get_size() == 1000005\nassert h.pread(4, 0) == b'y\\ny\\n'");

@@ -10,6 +10,7 @@
 //! or a copied-in scope leaves a page that ends up all zero unallocated.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -338,11 +339,14 @@ fn take_range(r: &mut dyn Read, n: u64, m: Option<u64>, what: &str) -> Result<Ve
 /// status is ignored (infinite generators), the script then killed.
 fn run_script(script: &str, n: u64, m: Option<u64>) -> Result<Vec<u8>> {
     crate::debug!("data: running script: {script}");
+    // In a process group of its own, so that what the script started can
+    // be killed with it once a slice has its bytes.
     let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(script)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|e| Error::io(format!("popen: {}", os_message(&e))))?;
     let mut stdout = child.stdout.take().ok_or_else(|| Error::io("popen: no pipe"))?;
@@ -358,7 +362,10 @@ fn run_script(script: &str, n: u64, m: Option<u64>) -> Result<Vec<u8>> {
     })();
     drop(stdout);
     if m.is_some() || result.is_err() {
-        let _ = child.kill();
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // SAFETY: kill(2) on the group this function created.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
         let _ = child.wait();
         return result;
     }
