@@ -47,8 +47,25 @@ pub struct FilterEntry {
     pub new: fn() -> Box<dyn Filter>,
 }
 
+/// The `-D NAME.FLAG=N` flags a backend reads (nbdkit finds them as
+/// `NAME_debug_FLAG` variables in the plugin). A backend that declares
+/// its flags gets nbdkit's warning for any other flag; one that declares
+/// nothing is not checked.
+pub struct DebugFlags {
+    /// Plugin or filter name.
+    pub backend: &'static str,
+    /// Flag names, as on the command line (`AST`, `zero`).
+    pub flags: &'static [&'static str],
+}
+
 inventory::collect!(PluginEntry);
 inventory::collect!(FilterEntry);
+inventory::collect!(DebugFlags);
+
+/// The debug flags `backend` declares, if it declares them.
+pub fn debug_flags(backend: &str) -> Option<&'static [&'static str]> {
+    inventory::iter::<DebugFlags>.into_iter().find(|d| d.backend == backend).map(|d| d.flags)
+}
 
 /// All plugins by name. Panics on a duplicate name: a build bug.
 pub fn plugins() -> &'static BTreeMap<&'static str, &'static PluginEntry> {

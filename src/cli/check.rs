@@ -110,11 +110,18 @@ fn check_conflicts(cfg: &Config, dump_plugin: bool) -> Result<(), Stop> {
     Ok(())
 }
 
-/// nbdkit's warnings, most recent `-D` first as nbdkit keeps them: server
-/// flags it does not have, then flags naming no backend. (Flags of a
-/// plugin or filter are not checked: ours have no `NAME_debug_FLAG`
-/// variables to look for.)
+/// nbdkit's warnings, most recent `-D` first as nbdkit keeps them: flags
+/// a backend does not declare (see `registry::DebugFlags`; nbdkit warns
+/// when it loads the plugin), server flags it does not have, then flags
+/// naming no backend.
 fn warn_unused_debug_flags(err: &mut dyn Write, flags: &[(String, String, i64)], backends: &[&str]) {
+    for (name, flag, _) in flags.iter().rev() {
+        let declared = crate::backend::registry::debug_flags(name);
+        if backends.contains(&name.as_str()) && declared.is_some_and(|d| !d.contains(&flag.as_str())) {
+            let var = flag.replace('.', "_");
+            let _ = writeln!(err, "nbdkit: warning: -D {name}.{flag}: {name} does not contain a global variable called {name}_debug_{var}");
+        }
+    }
     for (name, flag, _) in flags.iter().rev() {
         let var = flag.replace('.', "_");
         if name == "nbdkit" && !SERVER_DEBUG_FLAGS.contains(&var.as_str()) {

@@ -308,7 +308,8 @@ mod tests {
         assert_eq!(r.config_ref().debug_flags.len(), 5);
         assert_eq!(
             r.err,
-            "nbdkit: warning: -D nbdkit.no.such: nbdkit does not contain a global variable called nbdkit_debug_no_such\n\
+            "nbdkit: warning: -D null.y: null does not contain a global variable called null_debug_y\n\
+             nbdkit: warning: -D nbdkit.no.such: nbdkit does not contain a global variable called nbdkit_debug_no_such\n\
              nbdkit: warning: debug flag -D b.c.d was not used\n\
              nbdkit: warning: debug flag -D a.x was not used\n"
         );

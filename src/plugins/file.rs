@@ -221,6 +221,11 @@ impl Plugin for FilePlugin {
     }
 }
 
+// -D flags nbdkit's file plugin reads.
+inventory::submit! {
+    crate::backend::registry::DebugFlags { backend: "file", flags: &["zero"] }
+}
+
 inventory::submit! {
     PluginEntry {
         name: "file",

@@ -121,6 +121,11 @@ impl Handle for MemoryHandle {
     }
 }
 
+// -D flags nbdkit's memory plugin reads (the allocator's `dir` logging is not built).
+inventory::submit! {
+    crate::backend::registry::DebugFlags { backend: "memory", flags: &["dir"] }
+}
+
 inventory::submit! {
     PluginEntry {
         name: "memory",

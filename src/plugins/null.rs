@@ -70,6 +70,11 @@ impl Handle for NullHandle {
     }
 }
 
+// nbdkit's null plugin reads no -D flags: any gets nbdkit's warning.
+inventory::submit! {
+    crate::backend::registry::DebugFlags { backend: "null", flags: &[] }
+}
+
 inventory::submit! {
     PluginEntry {
         name: "null",
