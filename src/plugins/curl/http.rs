@@ -639,7 +639,7 @@ impl Client {
             if status >= 400 {
                 resp.drain();
                 resp.finish();
-                return Err((Some(status), Error::io(format!("the requested URL returned error: {status}"))));
+                return Err((Some(status), Error::io(format!("HTTP response code said error: The requested URL returned error: {status}"))));
             }
             return Ok(resp);
         }

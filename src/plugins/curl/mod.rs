@@ -168,6 +168,8 @@ fn caps(readonly: bool) -> Caps {
     Caps {
         write: !readonly,
         zero: if readonly { Support::None } else { Support::Emulate },
+        // As nbdkit without a .zero: fast zero is advertised and fails at once.
+        fast_zero: !readonly,
         multi_conn: readonly,
         ..Caps::default()
     }
