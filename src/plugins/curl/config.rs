@@ -291,6 +291,14 @@ pub fn read_password(value: &str) -> Result<String> {
     Ok(value.to_string())
 }
 
+/// A value that goes into a header line: no CR, LF or other control character.
+fn no_ctl(key: &str, v: String) -> Result<String> {
+    if v.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+        return Err(Error::invalid(format!("{key}: value contains a control character")));
+    }
+    Ok(v)
+}
+
 fn u32_secs(key: &str, v: &str) -> Result<u32> {
     Ok(parse_unsigned(key, v, u32::MAX as u64)? as u32)
 }
@@ -310,7 +318,7 @@ impl Config {
                 }
                 self.connections = n;
             }
-            "cookie" => self.cookie = Some(read_password(value)?),
+            "cookie" => self.cookie = Some(no_ctl(key, read_password(value)?)?),
             "cookiefile" => {
                 if value == "-" {
                     return Err(Error::invalid("cookiefile parameter cannot be \"-\""));
@@ -378,7 +386,7 @@ impl Config {
             }
             "unix-socket-path" | "unix_socket_path" => self.unix_socket_path = Some(PathBuf::from(value)),
             "user" => self.user = Some(v),
-            "user-agent" => self.user_agent = Some(v),
+            "user-agent" => self.user_agent = Some(no_ctl(key, v)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -489,6 +497,20 @@ mod tests {
         assert!(HeaderRule::parse("A: b\r\nInjected: x").is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn hostile_urls_and_headers_never_panic(s in "\\PC{0,40}", loc in "\\PC{0,40}") {
+            if let Ok(u) = Url::parse(&s) {
+                let _ = u.join(&loc);
+                let _ = u.file_path();
+                let _ = u.host_header();
+            }
+            let _ = HeaderRule::parse(&s);
+            let _ = percent_decode(&s);
+            let _ = super::super::http::parse_content_range(&s);
+        }
+    }
+
     #[test]
     fn params() {
         let mut c = Config::default();
@@ -501,6 +523,8 @@ mod tests {
         assert!(c.set("resolve", "h:80:1.2.3.4").unwrap());
         assert!(c.set("resolve", "h:80:nope").is_err());
         assert!(!c.set("nosuch", "1").unwrap());
+        assert!(c.set("cookie", "a=b\r\nX: y").is_err());
+        assert!(c.set("user-agent", "ua\n").is_err());
         c.set("header-script-renew", "5").unwrap();
         c.set("url", "http://x/").unwrap();
         assert!(c.complete().unwrap_err().message().contains("without header-script"));
