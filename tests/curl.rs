@@ -116,7 +116,7 @@ http {{
     location = /to-https {{ return 302 https://127.0.0.1:{tls}/disk.img; }}
     location /s3/ {{ if ($request_method = HEAD) {{ return 403; }} alias {www}; }}
     location /noranges/ {{ max_ranges 0; alias {www}; }}
-    location /cookie/ {{ if ($cookie_session != "secret") {{ return 403; }} alias {www}; }}
+    location /cookie/ {{ if ($cookie_session != "secret") {{ return 403; }} add_header Set-Cookie "seen=yes; Path=/"; alias {www}; }}
     location /token/ {{ if ($http_x_token != "t0ken") {{ return 401; }} alias {www}; }}
     location /ua/ {{ if ($http_user_agent != "nbdkit-test/1") {{ return 403; }} alias {www}; }}
     location /noaccept/ {{ if ($http_accept) {{ return 403; }} alias {www}; }}
@@ -452,7 +452,13 @@ fn auth_cookies_headers_and_scripts() {
                                 &format!("cookiejar={out_jar}")]);
     reads_ok(&s);
     s.health_check();
-    let _ = s.child.kill();
+    // SIGTERM: the jar is saved at unload, with the cookie the server set.
+    let pid = s.child.id() as i32;
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(s.child.wait().unwrap().success());
+    let saved = fs::read_to_string(&out_jar).unwrap();
+    assert!(saved.contains("session\tsecret") && saved.contains("seen\tyes"), "{saved}");
     let mut s = Server::start(&["curl", &ng.url("/cookie/disk.img"), "cookie-script=echo session=secret",
                                 "cookie-script-renew=1"]);
     reads_ok(&s);

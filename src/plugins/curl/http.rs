@@ -564,9 +564,14 @@ impl Client {
         if let Err(e) = sent {
             return Err((true, io_err("sending request", e)));
         }
-        if conn.rd.fill_buf().map(|b| b.is_empty()).unwrap_or(true) {
+        match conn.rd.fill_buf() {
             // Nothing came back: a keep-alive connection the server closed.
-            return Err((true, Error::io(format!("the server at {} closed the connection", u.host_header()))));
+            Ok([]) => {
+                return Err((true, Error::io(format!("the server at {} closed the connection", u.host_header()))))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err((true, io_err("reading response", e))),
+            Err(e) => return Err((false, io_err("reading response", e))),
         }
         read_head(&mut conn.rd).map_err(|e| (false, e))
     }
