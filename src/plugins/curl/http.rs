@@ -15,6 +15,9 @@ use super::config::{check_scheme, Config, HeaderRule, Url};
 use crate::error::{Error, Result};
 use crate::util::log::debug_flag;
 
+/// A response head: status, headers, HTTP/1.1?
+type Head = (u16, Vec<(String, String)>, bool);
+
 /// Redirects followed before giving up (libcurl's default since 8.3).
 const MAX_REDIRECTS: u32 = 30;
 /// Largest response head accepted.
@@ -556,7 +559,7 @@ impl Client {
 
     /// One request/response exchange on `conn`.
     fn exchange(&self, conn: &mut Conn, u: &Url, req: &Req<'_>, extra: &Extra)
-                -> std::result::Result<(u16, Vec<(String, String)>, bool), (bool, Error)> {
+                -> std::result::Result<Head, (bool, Error)> {
         let head = self.request_head(u, req, extra);
         log_out(&head);
         let w = conn.rd.get_mut();
@@ -661,7 +664,7 @@ fn log_out(head: &str) {
 }
 
 /// Read a response head (skipping 1xx): status, headers, HTTP/1.1?
-fn read_head(rd: &mut BufReader<Stream>) -> Result<(u16, Vec<(String, String)>, bool)> {
+fn read_head(rd: &mut BufReader<Stream>) -> Result<Head> {
     loop {
         let mut buf: Vec<u8> = Vec::new();
         loop {

@@ -76,11 +76,10 @@ fn roots(cainfo: Option<&str>, capath: Option<&str>) -> Result<RootCertStore> {
     let mut store = RootCertStore::empty();
     match cainfo {
         Some("") => {}
-        Some(f) => {
-            if load_certs(&mut store, Path::new(f))? == 0 {
-                return Err(Error::invalid(format!("cainfo: no certificate found in {f}")));
-            }
+        Some(f) if load_certs(&mut store, Path::new(f))? == 0 => {
+            return Err(Error::invalid(format!("cainfo: no certificate found in {f}")));
         }
+        Some(_) => {}
         None if capath.is_none() && Path::new(DEFAULT_BUNDLE).exists() => {
             load_certs(&mut store, Path::new(DEFAULT_BUNDLE))?;
         }
