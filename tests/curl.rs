@@ -511,6 +511,20 @@ fn proxy_and_file_urls() {
     let mut s = Server::start(&["curl", &url, &proxy, "proxy-user=pu", "proxy-password=pp"]);
     reads_ok(&s);
     s.health_check();
+    // An https:// proxy checked against proxy-cainfo (the origin's cainfo is not used for it).
+    let tproxy = format!("proxy=https://127.0.0.1:{}", ng.tls_port);
+    open_fails(&["curl", &url, &tproxy, "proxy-user=pu", "proxy-password=pp"], "TLS handshake");
+    let mut s = Server::start(&["curl", &url, &tproxy, "proxy-user=pu", "proxy-password=pp",
+                                &format!("proxy-cainfo={}", ng.file("ca.pem")),
+                                &format!("proxy-capath={}", ng.dir.0.display())]);
+    reads_ok(&s);
+    s.health_check();
+    // HTTP/1.0 (nginx closes each connection) and 1.1.
+    for v in ["http-version=1.0", "http-version=1.1", "http-version=none"] {
+        let mut s = Server::start(&["curl", &ng.url("/disk.img"), v]);
+        copy_matches(&s);
+        s.health_check();
+    }
     // file: URLs, read and write.
     let t = TempDir::new("curlfile");
     fs::write(t.path("f.img"), image()).unwrap();

@@ -411,8 +411,11 @@ impl Config {
         check_scheme(&u, self.protocols.as_deref())?;
         if let Some(p) = &self.proxy {
             let pu = Url::parse(if p.contains("://") { p.clone() } else { format!("http://{p}") }.as_str())?;
-            if pu.scheme != "http" {
-                return Err(Error::invalid(format!("proxy scheme {} is not supported (only http:// proxies)", pu.scheme)));
+            if pu.scheme != "http" && pu.scheme != "https" {
+                return Err(Error::invalid(format!(
+                    "proxy scheme {} is not supported (only http:// and https:// proxies)",
+                    pu.scheme
+                )));
             }
         }
         Ok(u)
