@@ -323,7 +323,8 @@ fn unix_socket_debug_flags_and_pool() {
     let (mut srv, log) = start_logged(
         &["-v", "-D", "curl.verbose=1", "-D", "curl.pool=1"],
         &["curl", &url, &format!("unix-socket-path={sock}"), "connections=2", "tcp-nodelay=false",
-          "tcp-keepalive=true", "user-agent=nbdkit-test/1", "timeout=20"],
+          "tcp-keepalive=true", "user-agent=nbdkit-test/1", "timeout=20", "header=X-Empty;", "header=Accept:",
+          "header=X-Added: yes"],
     );
     // Many requests in parallel (multi-conn + 16 in flight) over 2 HTTP connections.
     let t = TempDir::new("curlpar");
@@ -334,6 +335,9 @@ fn unix_socket_debug_flags_and_pool() {
     let text = fs::read_to_string(&log).unwrap();
     assert!(text.contains("debug: C: GET /disk.img HTTP/1.1"), "{text}");
     assert!(text.contains("debug: C: Host: nginx.invalid"), "{text}");
+    assert!(text.contains("debug: C: X-Empty:\n"), "{text}");
+    assert!(text.contains("debug: C: X-Added: yes\n"), "{text}");
+    assert!(!text.contains("debug: C: Accept"), "{text}");
     assert!(text.contains("debug: S: HTTP/1.1 206 Partial Content"), "{text}");
     assert!(text.contains("debug: pool: waiting for a free connection")
         || text.contains("debug: pool: reusing connection"), "{text}");
@@ -489,7 +493,8 @@ fn auth_cookies_headers_and_scripts() {
     s.health_check();
     let iters = fs::read_to_string(t.path("iters")).unwrap();
     assert!(iters.starts_with("0\n1\n"), "{iters}");
-    assert!(fs::read_to_string(&log).unwrap().contains("header-script returned 1 header(s)"));
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("header-script returned 1 header(s)") && text.contains("header-script: X-Token: t0ken"), "{text}");
     // Failing and garbage scripts: open fails with the script's message, the server lives.
     open_fails(&["curl", &ng.url("/token/disk.img"), "header-script=echo broken >&2; exit 3"],
                "header-script failed: broken");

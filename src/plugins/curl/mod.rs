@@ -63,7 +63,7 @@ impl Shared {
         let resp = match self.client.send(&head, &extra) {
             Ok(r) => r,
             Err((Some(403), _)) => {
-                crate::debug!("curl: HEAD request returned 403, trying GET");
+                crate::debug!("HEAD request returned 403, trying GET");
                 let get = Req { method: "GET", range: None, body: &[] };
                 self.client.send(&get, &extra).map_err(|(_, e)| {
                     Error::io(format!("problem doing GET request to fetch size of URL [{url}]: {}", e.message()))

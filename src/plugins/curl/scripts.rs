@@ -43,7 +43,7 @@ impl Script {
         };
         if due {
             if debug_flag("curl", "scripts") != 0 {
-                crate::util::log::debug(&format!("curl: running {}", self.name));
+                crate::util::log::debug(&format!("running {}", self.name));
             }
             let prog = format!(
                 "exec </dev/null\nurl={}\niteration={}\n{}\n",
@@ -83,9 +83,14 @@ impl Script {
             v.push(h);
         }
         if debug_flag("curl", "scripts") != 0 {
-            crate::util::log::debug(&format!("curl: {} returned {} header(s)", self.name, v.len()));
+            crate::util::log::debug(&format!("{} returned {} header(s)", self.name, v.len()));
             for h in &v {
-                crate::util::log::debug(&format!("curl: header: {h:?}"));
+                let line = match h {
+                    HeaderRule::Set(n, val) => format!("{n}: {val}"),
+                    HeaderRule::Remove(n) => format!("{n}:"),
+                    HeaderRule::Empty(n) => format!("{n};"),
+                };
+                crate::util::log::debug(&format!("header-script: {line}"));
             }
         }
         Ok(v)
@@ -99,7 +104,7 @@ impl Script {
             return Err(Error::io(format!("{}: cookie contains a control character", self.name)));
         }
         if debug_flag("curl", "scripts") != 0 {
-            crate::util::log::debug(&format!("curl: cookie-script returned cookie: {c}"));
+            crate::util::log::debug(&format!("cookie-script returned cookie: {c}"));
         }
         Ok(c)
     }
