@@ -394,7 +394,7 @@ impl Config {
 
     /// config_complete's checks.
     pub fn complete(&self) -> Result<Url> {
-        let url = self.url.as_deref().ok_or_else(|| Error::invalid("you must supply the url=<URL> parameter"))?;
+        let url = self.url.as_deref().ok_or_else(|| Error::invalid("you must supply the url=<URL> parameter after the plugin name on the command line"))?;
         if self.header_script.is_none() && self.header_script_renew > 0 {
             return Err(Error::invalid("header-script-renew cannot be used without header-script"));
         }
