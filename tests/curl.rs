@@ -622,6 +622,10 @@ enum Fault {
     Hang,
     IgnoreRange,
     BadHead,
+    /// Not a fault: a correct 206 in chunked transfer encoding.
+    Chunked,
+    /// A chunked 206 with more data than the range.
+    ChunkedLong,
 }
 
 struct FaultServer {
@@ -729,6 +733,17 @@ fn serve(s: TcpStream, fault: Fault, stop: Arc<AtomicBool>) {
                 }
                 return;
             }
+            Fault::Chunked | Fault::ChunkedLong => {
+                let _ = write!(w, "HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\nContent-Range: bytes {a}-{b}/{FAULT_SIZE}\r\n\r\n");
+                let extra = if fault == Fault::ChunkedLong { 7 } else { 0 };
+                let first = n / 3;
+                for part in [first, n - first + extra] {
+                    let _ = write!(w, "{part:x};ext=1\r\n");
+                    body(&mut w, part);
+                    let _ = w.write_all(b"\r\n");
+                }
+                let _ = w.write_all(b"0\r\nX-Trailer: t\r\n\r\n");
+            }
             Fault::IgnoreRange | Fault::BadHead => {
                 // The whole 1 GiB file: must be refused, never buffered.
                 let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {FAULT_SIZE}\r\n\r\n");
@@ -752,6 +767,17 @@ fn faults_short_long_wrong_range_hang_ignored_range() {
         srv.health_check();
         drop(fs_);
     }
+    let fs_ = FaultServer::start(Fault::ChunkedLong);
+    let mut srv = Server::start(&["curl", &format!("http://127.0.0.1:{}/f.img", fs_.port), "timeout=2"]);
+    nbdsh_ok(&srv, &format!("{PY_FAILS}\nfails('EIO', h.pread, 65536, 1048576)"));
+    srv.health_check();
+    drop(fs_);
+    // Chunked transfer encoding: several reads on one keep-alive connection.
+    let fs_ = FaultServer::start(Fault::Chunked);
+    let mut srv = Server::start(&["curl", &format!("http://127.0.0.1:{}/f.img", fs_.port), "connections=1"]);
+    nbdsh_ok(&srv, "for i in range(5):\n    assert h.pread(65536, 1048576 + i * 4096) == b'\\x5a' * 65536");
+    srv.health_check();
+    drop(fs_);
     let fs_ = FaultServer::start(Fault::BadHead);
     open_fails(&["curl", &format!("http://127.0.0.1:{}/f.img", fs_.port)], "could not get length of remote file");
 }
