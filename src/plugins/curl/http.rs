@@ -665,7 +665,7 @@ fn log_out(head: &str) {
 
 /// Read a response head (skipping 1xx): status, headers, HTTP/1.1?
 fn read_head(rd: &mut BufReader<Stream>) -> Result<Head> {
-    loop {
+    for _ in 0..16 {
         let mut buf: Vec<u8> = Vec::new();
         loop {
             let mut line = Vec::new();
@@ -708,6 +708,7 @@ fn read_head(rd: &mut BufReader<Stream>) -> Result<Head> {
         }
         return Ok((status, headers, r.version == Some(1)));
     }
+    Err(Error::io("too many interim (1xx) responses"))
 }
 
 /// Parse `Content-Range: bytes A-B/TOTAL` (TOTAL may be `*`).

@@ -79,6 +79,9 @@ impl Shared {
         let size = resp.content_length().ok_or_else(|| {
             Error::io(format!("could not get length of remote file [{url}], is the URL correct?"))
         })?;
+        if size > i64::MAX as u64 {
+            return Err(Error::io(format!("remote file [{url}] is too large ({size} bytes)")));
+        }
         let ranges = resp.header("accept-ranges").map(str::trim);
         if ranges != Some("bytes") {
             return Err(Error::io("server does not support 'range' (byte range) requests"));
