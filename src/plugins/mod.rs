@@ -7,3 +7,4 @@ mod floppy;
 mod memory;
 mod null;
 mod sh;
+mod curl;
