@@ -145,16 +145,6 @@ fn not_supported_yet(cfg: &Config, activation: bool) -> Result<(), Stop> {
         "--swap"
     } else if cfg.selinux_label.is_some() {
         "--selinux-label"
-    } else if cfg.tls == TlsMode::On {
-        "--tls=on"
-    } else if cfg.tls == TlsMode::Require {
-        "--tls=require"
-    } else if cfg.tls_certificates.is_some() {
-        "--tls-certificates"
-    } else if cfg.tls_psk.is_some() {
-        "--tls-psk"
-    } else if cfg.tls_verify_peer {
-        "--tls-verify-peer"
     } else {
         return Ok(());
     };

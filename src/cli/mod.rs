@@ -310,11 +310,6 @@ mod tests {
             (&["--group=disk", "null"], "-g (--group)"),
             (&["--swap", "null"], "--swap"),
             (&["--selinux-label=x", "null"], "--selinux-label"),
-            (&["--tls=on", "null"], "--tls=on"),
-            (&["--tls=require", "null"], "--tls=require"),
-            (&["--tls-certificates=/x", "null"], "--tls-certificates"),
-            (&["--tls-psk=/x", "null"], "--tls-psk"),
-            (&["--tls-verify-peer", "null"], "--tls-verify-peer"),
         ] {
             assert_eq!(failure(args), format!("nbdkit: error: {what} is not supported yet\n"), "{args:?}");
             let mut probe = args.to_vec();

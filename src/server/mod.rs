@@ -6,6 +6,7 @@ pub mod listen;
 mod nap;
 mod brief;
 pub mod process;
+pub mod tls;
 pub mod transmission;
 pub mod uri;
 
@@ -120,6 +121,10 @@ fn start(cfg: Config) -> Result<i32, String> {
         process::exit_with_parent().map_err(|e| format!("--exit-with-parent: {e}"))?;
     }
 
+    match tls::load(&cfg) {
+        Ok(t) => tls::set(t),
+        Err(()) => return Ok(1),
+    }
     let mut chain = Chain::new(&cfg.plugin, &cfg.filters)?;
     for (k, v) in &cfg.params {
         crate::debug!("{}: config key={k}, value={v}", cfg.plugin);

@@ -1,0 +1,217 @@
+//! TLS: loading the certificates (or the PSK file) at start-up as nbdkit
+//! does, and upgrading a connection after NBD_OPT_STARTTLS.
+//!
+//! The upgraded connection is relayed (relay.rs): two threads move bytes
+//! between the client's socket, through the TLS session, and one end of a
+//! Unix socket pair; the negotiation carries on, and the transmission
+//! phase runs unchanged, on the other end. So every command, structured
+//! and out-of-order replies, the worker threads and their zero-copy paths
+//! work over TLS as they do in plaintext, and the plaintext path is not
+//! touched at all.
+
+pub mod engine;
+pub mod psk;
+mod relay;
+
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+use crate::cli::{Config, TlsMode};
+
+pub use relay::{upgrade, Upgraded};
+
+/// What a connection upgrades with.
+pub enum Kind {
+    /// X.509 certificates (rustls).
+    X509(Arc<rustls::ServerConfig>),
+    /// Pre-shared keys.
+    Psk(Arc<psk::Keys>),
+}
+
+/// The server's TLS setup, when TLS is on or required.
+pub struct Tls {
+    /// On (1) or required (2).
+    pub required: bool,
+    /// How connections upgrade.
+    pub kind: Kind,
+}
+
+impl Tls {
+    /// A session for a new client.
+    pub fn engine(&self) -> std::io::Result<Box<dyn engine::Engine>> {
+        match &self.kind {
+            Kind::X509(c) => Ok(Box::new(engine::Rustls::new(c.clone())?)),
+            Kind::Psk(k) => psk::engine(k),
+        }
+    }
+}
+
+/// Loads certificates or the PSK file as `cfg` asks (nbdkit's
+/// `crypto_init`). `Ok(None)`: TLS is off. `Err(())`: the reason has been
+/// printed; exit with status 1.
+pub fn load(cfg: &Config) -> Result<Option<Arc<Tls>>, ()> {
+    // Without --tls nbdkit tries (tls=on) and stays quiet if it cannot.
+    let mode = if cfg.tls_on_cli { cfg.tls } else { TlsMode::On };
+    if mode == TlsMode::Off {
+        return Ok(None);
+    }
+    let required = mode == TlsMode::Require;
+    let (kind, what) = if let Some(file) = &cfg.tls_psk {
+        match psk::Keys::load(file) {
+            Ok(k) => (Kind::Psk(Arc::new(k)), "Pre-Shared Keys (PSK)"),
+            Err(msg) => {
+                eprintln!("{msg}");
+                return Err(());
+            }
+        }
+    } else {
+        let Some(dir) = find_certificates(cfg.tls_certificates.as_deref()) else {
+            if required {
+                eprint!(
+                    "nbdkit: --tls=require but could not load TLS certificates.\n\
+                     Try setting ‘--tls-certificates=/path/to/certificates’ or read\n\
+                     the \"TLS\" section in nbdkit(1).\n"
+                );
+                return Err(());
+            }
+            if cfg.tls_on_cli {
+                eprint!(
+                    "nbdkit: warning: --tls=on but could not load TLS certificates.\n\
+                     TLS will be disabled and TLS connections will be rejected.\n\
+                     Try setting ‘--tls-certificates=/path/to/certificates’ or read\n\
+                     the \"TLS\" section in nbdkit(1).\n"
+                );
+            }
+            crate::debug!("TLS disabled: could not load TLS certificates");
+            return Ok(None);
+        };
+        match x509_config(&dir, cfg.tls_verify_peer) {
+            Ok(c) => {
+                crate::debug!("successfully loaded TLS certificates from {}", dir.display());
+                (Kind::X509(Arc::new(c)), "X.509 certificates")
+            }
+            Err(msg) => {
+                eprintln!("nbdkit: TLS error: {msg}");
+                return Err(());
+            }
+        }
+    };
+    crate::debug!("TLS enabled using: {what}");
+    Ok(Some(Arc::new(Tls { required, kind })))
+}
+
+/// The files a certificates directory must have.
+const REQUIRED: [&str; 3] = ["ca-cert.pem", "server-cert.pem", "server-key.pem"];
+
+/// The directory given, or the first default one, if it has all three
+/// files (nbdkit's search: root `/etc/pki/nbdkit`; others
+/// `$HOME/.pki/nbdkit`, then `$HOME/.config/pki/nbdkit`).
+fn find_certificates(given: Option<&Path>) -> Option<PathBuf> {
+    let candidates: Vec<PathBuf> = match given {
+        Some(d) => vec![d.to_path_buf()],
+        None if is_root() => vec![PathBuf::from("/etc/pki/nbdkit")],
+        None => match std::env::var_os("HOME") {
+            Some(h) => vec![Path::new(&h).join(".pki/nbdkit"), Path::new(&h).join(".config/pki/nbdkit")],
+            None => vec![],
+        },
+    };
+    candidates.into_iter().find(|d| REQUIRED.iter().all(|f| readable(&d.join(f))))
+}
+
+#[allow(unsafe_code)]
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[allow(unsafe_code)]
+fn readable(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else { return false };
+    // SAFETY: access(2) reads a valid NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::R_OK) == 0 }
+}
+
+/// The crypto provider: *ring*, built from source into the static binary.
+#[allow(deprecated)] // (ring has no post-quantum key exchange; X25519 and the NIST curves are what GnuTLS clients offer)
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The rustls server configuration from a certificates directory: TLS 1.2
+/// and 1.3, the server's chain and key, client certificates checked
+/// against the CA (and CRL) with `--tls-verify-peer`, `SSLKEYLOGFILE`.
+pub fn x509_config(dir: &Path, verify_peer: bool) -> Result<rustls::ServerConfig, String> {
+    let (cert, key) = (dir.join("server-cert.pem"), dir.join("server-key.pem"));
+    let what = format!("loading server certificate and key ({}, {})", cert.display(), key.display());
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("{what}: {}: {}", cert.display(), pem_error(e)))?;
+    if chain.is_empty() {
+        return Err(format!("{what}: {}: no certificate found", cert.display()));
+    }
+    let private = PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("{what}: {}: {}", key.display(), pem_error(e)))?;
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?;
+    let builder = if verify_peer {
+        let ca = dir.join("ca-cert.pem");
+        let mut roots = rustls::RootCertStore::empty();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| format!("loading CA certificate {}: {}", ca.display(), pem_error(e)))?;
+        for c in certs {
+            roots.add(c).map_err(|e| format!("loading CA certificate {}: {e}", ca.display()))?;
+        }
+        let crl = dir.join("ca-crl.pem");
+        let crls: Vec<CertificateRevocationListDer<'static>> = if crl.exists() {
+            CertificateRevocationListDer::pem_file_iter(&crl)
+                .and_then(|i| i.collect::<Result<_, _>>())
+                .map_err(|e| format!("loading CRL {}: {}", crl.display(), pem_error(e)))?
+        } else {
+            Vec::new()
+        };
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .with_crls(crls)
+            .build()
+            .map_err(|e| format!("loading CA certificate {}: {e}", ca.display()))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_single_cert(chain, private).map_err(|e| format!("{what}: {e}"))?;
+    // Like GnuTLS: keys are logged to $SSLKEYLOGFILE when it is set.
+    config.key_log = Arc::new(rustls::KeyLogFile::new());
+    // Session tickets would be of no use: nbd clients do not resume.
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::Io(e) => e.to_string(),
+        Error::NoItemsFound => "no PEM section of the right kind found".to_string(),
+        e => format!("malformed PEM: {e:?}"),
+    }
+}
+
+/// A connection's descriptors (read, write) as the relay needs them.
+pub type Fds = (RawFd, RawFd);
+
+static TLS: std::sync::OnceLock<Option<Arc<Tls>>> = std::sync::OnceLock::new();
+
+/// Sets the server's TLS setup (once, at start-up).
+pub fn set(t: Option<Arc<Tls>>) {
+    let _ = TLS.set(t);
+}
+
+/// The server's TLS setup; None when TLS is off.
+pub fn get() -> Option<&'static Tls> {
+    TLS.get().and_then(|t| t.as_deref())
+}
