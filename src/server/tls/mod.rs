@@ -28,8 +28,8 @@ pub use relay::{upgrade, Upgraded};
 pub enum Kind {
     /// X.509 certificates (rustls).
     X509(Arc<rustls::ServerConfig>),
-    /// Pre-shared keys.
-    Psk(Arc<psk::Keys>),
+    /// Pre-shared keys (OpenSSL).
+    Psk(openssl::ssl::SslContext),
 }
 
 /// The server's TLS setup, when TLS is on or required.
@@ -45,7 +45,7 @@ impl Tls {
     pub fn engine(&self) -> std::io::Result<Box<dyn engine::Engine>> {
         match &self.kind {
             Kind::X509(c) => Ok(Box::new(engine::Rustls::new(c.clone())?)),
-            Kind::Psk(k) => psk::engine(k),
+            Kind::Psk(c) => psk::engine(c),
         }
     }
 }
@@ -61,8 +61,8 @@ pub fn load(cfg: &Config) -> Result<Option<Arc<Tls>>, ()> {
     }
     let required = mode == TlsMode::Require;
     let (kind, what) = if let Some(file) = &cfg.tls_psk {
-        match psk::Keys::load(file) {
-            Ok(k) => (Kind::Psk(Arc::new(k)), "Pre-Shared Keys (PSK)"),
+        match psk::Keys::load(file).and_then(|k| psk::context(&Arc::new(k))) {
+            Ok(c) => (Kind::Psk(c), "Pre-Shared Keys (PSK)"),
             Err(msg) => {
                 eprintln!("{msg}");
                 return Err(());
