@@ -12,6 +12,8 @@
 pub mod engine;
 pub mod psk;
 mod relay;
+#[cfg(test)]
+mod tests;
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
