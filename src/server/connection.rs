@@ -82,8 +82,8 @@ where
     let timeout = shared.timeout;
     // Boxed: after STARTTLS the negotiation goes on over the TLS relay.
     let (mut r, mut w): (DynRead, DynWrite) = (Box::new(s.reader), Box::new(s.writer));
-    let mut fds = s.fds;
-    let handshake = handshake(&shared, &mut r, &mut w, &mut fds);
+    let mut link = None; // the TLS session, after STARTTLS
+    let handshake = handshake(&shared, &mut r, &mut w, &mut link);
     let quit = shared.quit.clone();
     // A client still negotiating when the server stops has a second to
     // send an option (answered with ERR_SHUTDOWN, see `handshake`), then
@@ -115,11 +115,15 @@ where
         }
         Err(_) => return,
     };
-    let files = blocking_files(fds);
+    let files = blocking_files(s.fds);
     drop((r, w, s.shutdown)); // the async sources go; the duplicated descriptors stay
-    match files {
-        Ok((r, w)) => transmission::run(&shared, session, r, w, ctx).await,
-        Err(e) => log::error(&format!("transmission: {e}")),
+    match (files, link) {
+        (Ok((r, w)), None) => transmission::run(&shared, session, r, w, ctx).await,
+        (Ok((r, w)), Some(l)) => {
+            let (r, w) = (tls::stream::Input::tls(&l, r), tls::stream::Output::tls(&l, w));
+            transmission::run_io(&shared, session, r, w, ctx).await
+        }
+        (Err(e), _) => log::error(&format!("transmission: {e}")),
     }
 }
 
@@ -135,7 +139,7 @@ fn blocking_files(fds: (RawFd, RawFd)) -> std::io::Result<(std::fs::File, std::f
 type DynRead = Box<dyn AsyncRead + Unpin + Send>;
 type DynWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-async fn handshake(shared: &Arc<Shared>, r: &mut DynRead, w: &mut DynWrite, fds: &mut (RawFd, RawFd)) -> Result<Session, End> {
+async fn handshake(shared: &Arc<Shared>, r: &mut DynRead, w: &mut DynWrite, link: &mut Option<Arc<tls::Link>>) -> Result<Session, End> {
     let mut ex = ConnExports { shared: shared.clone(), handle: None, tls: false };
     if shared.oldstyle {
         let info = blocking_open(&mut ex, "").await.map_err(|_| End::Closed)?;
@@ -208,8 +212,7 @@ async fn handshake(shared: &Arc<Shared>, r: &mut DynRead, w: &mut DynWrite, fds:
         w.flush().await?;
         if neg.start_tls {
             let Some(t) = tls::get() else { return Err(End::Closed) };
-            let up = tls::upgrade(t, *fds)?;
-            (*r, *w, *fds) = (Box::new(up.reader), Box::new(up.writer), (up.fd, up.fd));
+            *link = Some(tls::upgrade(t, r, w).await?);
             neg.tls_started();
             ex.tls = true;
         }

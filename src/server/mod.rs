@@ -123,7 +123,7 @@ fn start(cfg: Config) -> Result<i32, String> {
 
     match tls::load(&cfg) {
         Ok(t) => tls::set(t),
-        Err(()) => return Ok(1),
+        Err(tls::Reported) => return Ok(1),
     }
     let mut chain = Chain::new(&cfg.plugin, &cfg.filters)?;
     for (k, v) in &cfg.params {

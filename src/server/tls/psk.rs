@@ -1,10 +1,8 @@
 //! Pre-shared keys (`--tls-psk=FILE`, psktool's `username:hexkey` lines).
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::Path;
 use std::sync::Arc;
-
-use openssl::ssl::{ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVersion};
 
 use super::engine::Engine;
 
@@ -73,7 +71,7 @@ fn io_msg(e: &io::Error) -> String {
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim_end();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -82,150 +80,9 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The OpenSSL context of a key file: TLS 1.2 and 1.3, PSK cipher suites
-/// only (with ephemeral ECDH where the client offers it), no tickets.
-pub fn context(keys: &Arc<Keys>) -> Result<SslContext, String> {
-    let e = |e: openssl::error::ErrorStack| format!("PSK: {e}");
-    let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(e)?;
-    b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(e)?;
-    b.set_cipher_list(TLS12_SUITES).map_err(e)?;
-    b.set_num_tickets(0).map_err(e)?;
-    b.set_options(SslOptions::NO_RENEGOTIATION);
-    let keys = keys.clone();
-    b.set_psk_server_callback(move |_ssl, identity, psk| {
-        let key = identity.and_then(|u| keys.get(u));
-        match key {
-            Some(k) if k.len() <= psk.len() => {
-                psk[..k.len()].copy_from_slice(k);
-                Ok(k.len())
-            }
-            _ => {
-                let who = identity.map(|u| String::from_utf8_lossy(u).into_owned()).unwrap_or_default();
-                crate::debug!("PSK: unknown username \"{who}\"");
-                Ok(0)
-            }
-        }
-    });
-    Ok(b.build())
-}
-
-/// TLS 1.2 PSK suites GnuTLS clients offer (AEAD first); TLS 1.3 uses
-/// OpenSSL's default TLS 1.3 suites.
-const TLS12_SUITES: &str = "ECDHE-PSK-CHACHA20-POLY1305:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:\
-                            ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256";
-
-/// A PSK session for a new client.
-pub fn engine(ctx: &SslContext) -> io::Result<Box<dyn Engine>> {
-    let mut ssl = Ssl::new(ctx).map_err(io::Error::other)?;
-    ssl.set_accept_state();
-    let stream = SslStream::new(ssl, Mem::default()).map_err(io::Error::other)?;
-    Ok(Box::new(OpenSsl { stream, handshaking: true }))
-}
-
-/// OpenSSL's side of a session on memory buffers: the relay moves the
-/// bytes.
-struct OpenSsl {
-    stream: SslStream<Mem>,
-    handshaking: bool,
-}
-
-/// What OpenSSL reads (fed by the relay) and writes (taken by it).
-#[derive(Default)]
-struct Mem {
-    input: Vec<u8>,
-    at: usize,
-    output: Vec<u8>,
-}
-
-impl Read for Mem {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = &self.input[self.at..];
-        if left.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = left.len().min(buf.len());
-        buf[..n].copy_from_slice(&left[..n]);
-        self.at += n;
-        if self.at == self.input.len() {
-            self.input.clear();
-            self.at = 0;
-        }
-        Ok(n)
-    }
-}
-
-impl Write for Mem {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn blocked(e: &openssl::ssl::Error) -> bool {
-    matches!(e.code(), ErrorCode::WANT_READ | ErrorCode::WANT_WRITE)
-}
-
-impl Engine for OpenSsl {
-    fn feed(&mut self, raw: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
-        self.stream.get_mut().input.extend_from_slice(raw);
-        if self.handshaking {
-            match self.stream.do_handshake() {
-                Ok(()) => self.handshaking = false,
-                Err(e) if blocked(&e) => return Ok(false),
-                Err(e) => return Err(io::Error::other(e.to_string())),
-            }
-        }
-        loop {
-            let at = plain.len();
-            plain.resize(at + 64 * 1024, 0);
-            match self.stream.ssl_read(&mut plain[at..]) {
-                Ok(n) => plain.truncate(at + n),
-                Err(e) => {
-                    plain.truncate(at);
-                    return match e.code() {
-                        _ if blocked(&e) => Ok(false),
-                        ErrorCode::ZERO_RETURN => Ok(true),
-                        _ => Err(io::Error::other(e.to_string())),
-                    };
-                }
-            }
-        }
-    }
-
-    fn encrypt(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let n = self.stream.ssl_write(data).map_err(|e| io::Error::other(e.to_string()))?;
-            data = &data[n..];
-        }
-        Ok(())
-    }
-
-    fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
-        let out = &mut self.stream.get_mut().output;
-        if !out.is_empty() {
-            let r = w.write_all(out);
-            out.clear();
-            r?;
-        }
-        Ok(())
-    }
-
-    fn handshaking(&self) -> bool {
-        self.handshaking
-    }
-
-    fn close(&mut self) {
-        let _ = self.stream.shutdown();
-    }
-
-    fn describe(&self) -> String {
-        let ssl = self.stream.ssl();
-        let suite = ssl.current_cipher().map_or("?", |c| c.name());
-        format!("TLS session: {}, cipher suite {suite}, PSK", ssl.version_str())
-    }
+/// A PSK session for a new client (psk12.rs).
+pub fn engine(keys: &Arc<Keys>) -> io::Result<Box<dyn Engine>> {
+    Ok(Box::new(super::psk12::Psk12::new(keys.clone())))
 }
 
 #[cfg(test)]
