@@ -165,7 +165,12 @@ pub fn x509_config(dir: &Path, verify_peer: bool) -> Result<rustls::ServerConfig
     if chain.is_empty() {
         return Err(format!("{what}: {}: no certificate found", cert.display()));
     }
-    let private = PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("{what}: {}: {}", key.display(), pem_error(e)))?;
+    let mut private = PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("{what}: {}: {}", key.display(), pem_error(e)))?;
+    if let PrivateKeyDer::Sec1(k) = &private {
+        if let Some(fixed) = strip_sec1_zero(k.secret_sec1_der()) {
+            private = PrivateKeyDer::Sec1(fixed.into());
+        }
+    }
     let provider = provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -202,6 +207,41 @@ pub fn x509_config(dir: &Path, verify_peer: bool) -> Result<rustls::ServerConfig
     config.send_tls13_tickets = 0;
     config.ignore_client_order = true;
     Ok(config)
+}
+
+/// GnuTLS (certtool) writes an EC private key with a leading zero byte
+/// when its top bit is set (33 bytes for P-256, 49 for P-384); *ring*
+/// wants exactly the curve's size. Returns the key without it, or None if
+/// it has none.
+fn strip_sec1_zero(der: &[u8]) -> Option<Vec<u8>> {
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = b.split_first()?;
+        let (&l, rest) = rest.split_first()?;
+        let (len, rest) = match l {
+            0..=0x7f => (l as usize, rest),
+            0x81 => (*rest.first()? as usize, rest.get(1..)?),
+            0x82 => (u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize, rest.get(2..)?),
+            _ => return None,
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    let (0x30, body, _) = tlv(der)? else { return None };
+    let (0x02, [1], rest) = tlv(body)? else { return None };
+    let (0x04, key, tail) = tlv(rest)? else { return None };
+    if !matches!(key.len(), 33 | 49) || key[0] != 0 {
+        return None;
+    }
+    let mut inner = vec![0x02, 0x01, 0x01, 0x04, (key.len() - 1) as u8];
+    inner.extend_from_slice(&key[1..]);
+    inner.extend_from_slice(tail);
+    let mut out = vec![0x30];
+    match inner.len() {
+        n @ 0..=0x7f => out.push(n as u8),
+        n @ 0x80..=0xff => out.extend_from_slice(&[0x81, n as u8]),
+        n => out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(&inner);
+    Some(out)
 }
 
 fn pem_error(e: rustls::pki_types::pem::Error) -> String {

@@ -89,6 +89,20 @@ fn the_upgrade_forgets_plaintext_state() {
     assert!(!n.extended);
 }
 
+#[test]
+fn gnutls_ec_keys_lose_their_leading_zero() {
+    let mut der = vec![0x30, 3 + 2 + 33 + 4, 0x02, 0x01, 0x01, 0x04, 33, 0];
+    der.extend_from_slice(&[0xff; 32]);
+    der.extend_from_slice(&[0xa0, 0x02, 0x05, 0x00]);
+    let fixed = super::strip_sec1_zero(&der).unwrap();
+    let mut want = vec![0x30, 3 + 2 + 32 + 4, 0x02, 0x01, 0x01, 0x04, 32];
+    want.extend_from_slice(&[0xff; 32]);
+    want.extend_from_slice(&[0xa0, 0x02, 0x05, 0x00]);
+    assert_eq!(fixed, want);
+    assert_eq!(super::strip_sec1_zero(&want), None);
+    assert_eq!(super::strip_sec1_zero(&der[..10]), None);
+}
+
 proptest! {
     /// Whatever a client sends under --tls=require before the upgrade, it
     /// never reaches the transmission phase nor changes negotiated state.
@@ -108,6 +122,12 @@ proptest! {
             }
             prop_assert!(t == vec![rep::ERR_TLS_REQD] || o == opt::STARTTLS, "{} {:?}", o, t);
         }
+    }
+
+    /// The key fix-up never panics on garbage.
+    #[test]
+    fn sec1_fixup_takes_garbage(der in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = super::strip_sec1_zero(&der);
     }
 
     /// The PSK file parser never panics, and what it accepts round-trips.
