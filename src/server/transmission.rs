@@ -187,6 +187,9 @@ struct Conn {
     /// A TCP connection: big payloads are read once they have all come
     /// (`read_waiting`).
     tcp: bool,
+    /// Through TLS: big READs go to another worker, so that encrypting
+    /// the reply does not hold up reading the next request.
+    tls: bool,
     /// The last request had a payload over [`BIG_PAYLOAD`] (touched under
     /// the read lock).
     big: AtomicBool,
@@ -247,6 +250,7 @@ pub async fn run_io(shared: &Arc<Shared>, s: Session, reader: Input, writer: Out
         inline,
         lend,
         tcp: plain && matches!(socket_domain(read_fd), Some(libc::AF_INET | libc::AF_INET6)),
+        tls: !plain,
         big: AtomicBool::new(false),
         brief,
         quick: brief::Brief::default(),
@@ -395,7 +399,9 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
-                Next::Run(req, payload, budget, _) if conn.inline && req.count <= INLINE_MAX => {
+                Next::Run(req, payload, budget, _)
+                    if conn.inline && req.count <= INLINE_MAX && !(conn.tls && req.count > HOLD_MAX as u64) =>
+                {
                     let reply =
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
                     conn.pool.put(payload);
