@@ -544,6 +544,16 @@ assert closed(s)
 s = conn(P); opt(s, STARTTLS); assert reply(s)[1] == ACK
 t0 = time.time(); assert closed(s); took = time.time() - t0
 assert 1.0 < took < 10, took
+# S12: TLS 1.0 and 1.1 are refused.
+for v in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+    s = conn(P); opt(s, STARTTLS); assert reply(s)[1] == ACK
+    c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname = False; c.load_verify_locations(CA)
+    c.set_ciphers('DEFAULT@SECLEVEL=0'); c.minimum_version = v; c.maximum_version = v
+    try:
+        c.wrap_socket(s)
+        raise AssertionError("TLS version %s accepted" % v)
+    except (ssl.SSLError, ConnectionError):
+        pass
 # S16: records written a byte at a time (TLS 1.2: bytes of each record).
 s = conn(P)
 t = upgrade(s, CA)
@@ -659,6 +669,31 @@ fn tls_with_psk() {
     let o = run("nbdinfo", &[&format!("nbds+unix://mallory@/?socket={}&tls-psk-file={}", srv.sock.display(), mallory.display())]);
     assert!(!o.status.success(), "an unknown user connected");
     tls_health_check(&mut srv, &uri);
+}
+
+#[test]
+fn run_gives_the_psk_uri() {
+    let d = TempDir::new("tls-run-psk");
+    let keys = d.path("keys.psk");
+    // The URI names no user (as nbdkit 1.44's); the client adds ours.
+    let me = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+    let o = Command::new("psktool").args(["-u", me.trim(), "-p", s(&keys)]).output().unwrap();
+    assert!(o.status.success());
+    let o = Command::new(nbdkit_bin())
+        .args(["-U", "-", "--tls=require", "--tls-psk", s(&keys), "--run"])
+        // (libnbd takes the user from getlogin(), which needs a terminal.)
+        .arg(format!(
+            "echo \"uri=$uri\"; echo \"psk=$tls_psk\"; nbdinfo \"$(echo \"$uri\" | sed 's|://|://{}@/|')\" | grep -c 'with TLS'",
+            me.trim()
+        ))
+        .args(["memory", "1M"])
+        .env("PATH", path_env())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out} {}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains(&format!("&tls-psk-file={}\n", keys.display())) && out.starts_with("uri=nbds+unix://"), "{out}");
+    assert!(out.contains(&format!("psk={}\n", keys.display())) && out.ends_with("1\n"), "{out}");
 }
 
 #[test]
