@@ -177,6 +177,39 @@ fn x509_tcp_client_verifies_the_server() {
     let o = run("nbdinfo", &[&wrong]);
     assert!(!o.status.success(), "a client trusting another CA connected");
     run_ok("nbdinfo", &[&uri]);
+    // Big WRITEs and READs over TLS on TCP (the low-mark path is off).
+    let src = pki.join("big.img");
+    std::fs::write(&src, (0..8u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>()).unwrap();
+    let fill = format!("nbds://localhost:{}/?tls-certificates={}", srv.port, pki.display());
+    let big = TcpServer::start(&["--tls=require", "--tls-certificates", s(&pki), "memory", "8M"]);
+    let big_uri = fill.replace(&srv.port.to_string(), &big.port.to_string());
+    run_ok("nbdcopy", &[s(&src), &big_uri]);
+    let back = pki.join("back.img");
+    run_ok("nbdcopy", &[&big_uri, s(&back)]);
+    assert_eq!(sha256(&src), sha256(&back));
+}
+
+#[test]
+fn single_mode_over_tls() {
+    let d = TempDir::new("tls-single");
+    let pki = d.path("pki");
+    make_pki(&pki);
+    let out = python_ok(&format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_certificates({pki:?})
+h.set_tls_verify_peer(False)
+h.connect_command([{bin:?}, '-s', '--tls=require', '--tls-certificates={pki}', 'memory', '1M'])
+h.pwrite(b'a' * 100000, 0)
+assert h.pread(100000, 0) == b'a' * 100000
+print('ok', h.get_tls_negotiated())
+"#,
+        pki = s(&pki),
+        bin = nbdkit_bin().display().to_string(),
+    ));
+    assert!(out.contains("ok True"), "{out}");
 }
 
 #[test]
