@@ -80,7 +80,7 @@ where
         return;
     }
     let timeout = shared.timeout;
-    // Boxed: after STARTTLS the negotiation goes on over the TLS relay.
+    // Boxed: after STARTTLS they are replaced by streams through the TLS session.
     let (mut r, mut w): (DynRead, DynWrite) = (Box::new(s.reader), Box::new(s.writer));
     let mut link = None; // the TLS session, after STARTTLS
     let handshake = handshake(&shared, &mut r, &mut w, &mut link);
