@@ -597,6 +597,34 @@ raw = struct.pack('>QII', IHAVEOPT, GO, 6) + struct.pack('>I', 0) + struct.pack(
 for b in raw:
     t.sendall(bytes([b]))
 assert final(t) == ACK
+# S16: a whole TLS session whose bytes reach the server one at a time.
+s = conn(P); opt(s, STARTTLS); assert reply(s)[1] == ACK
+c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname = False; c.load_verify_locations(CA)
+inc, outg = ssl.MemoryBIO(), ssl.MemoryBIO()
+o = c.wrap_bio(inc, outg)
+def pump():
+    data = outg.read()
+    for b in data:
+        s.sendall(bytes([b]))
+while True:
+    try:
+        o.do_handshake(); break
+    except ssl.SSLWantReadError:
+        pump(); inc.write(s.recv(65536))
+pump()
+o.write(struct.pack('>QII', IHAVEOPT, GO, 6) + struct.pack('>I', 0) + struct.pack('>H', 0))
+pump()
+got, done = b'', False
+while not done:
+    try:
+        got += o.read(65536)
+    except ssl.SSLWantReadError:
+        inc.write(s.recv(65536)); continue
+    while len(got) >= 20 and len(got) >= 20 + struct.unpack('>I', got[16:20])[0]:
+        typ = struct.unpack('>I', got[12:16])[0]
+        assert typ in (ACK, 3), hex(typ)
+        done = done or typ == ACK
+        got = got[20 + struct.unpack('>I', got[16:20])[0]:]
 print('ok')
 "#
     ));
