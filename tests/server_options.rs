@@ -866,7 +866,9 @@ fn user_mistakes_fail_with_one_error_line() {
         &["-s", "-U", sock, "memory", "1M"],
         "--dump-plugin, -p, --run, -s, -U or --vsock options cannot be used in this combination",
     );
-    one_line(&["--tls=require", "-U", sock, "memory", "1M"], "not supported yet");
+    // nbdkit's three lines (tests/tls.rs has the rest of TLS).
+    let err = fails(&["--tls=require", "--tls-certificates", "/nonexistent", "-U", sock, "memory", "1M"]);
+    assert!(err.starts_with("nbdkit: --tls=require but could not load TLS certificates.\n"), "{err}");
     one_line(&["--log=relative", "-U", sock, "memory", "1M"], "--log must be");
     one_line(&["--timeout=soon", "-U", sock, "memory", "1M"], "timeout");
     assert!(!Path::new(sock).exists(), "no failed start may leave a socket behind");

@@ -21,7 +21,7 @@ impl From<String> for Stop {
 
 /// Turns the raw arguments into what to do. Probing output goes to `out`,
 /// warnings to `err`; a fatal message comes back as `Stop`.
-pub(super) fn finish(low: Low, activation: bool, out: &mut dyn Write, err: &mut dyn Write) -> Result<Action, Stop> {
+pub(super) fn finish(low: Low, out: &mut dyn Write, err: &mut dyn Write) -> Result<Action, Stop> {
     let Low { mut cfg, filters, args, help, version, dump_plugin } = low;
     let Some((plugin_name, rest)) = args.split_first() else {
         return no_plugin(help, version, dump_plugin, out);
@@ -66,7 +66,6 @@ pub(super) fn finish(low: Low, activation: bool, out: &mut dyn Write, err: &mut 
         return Ok(Action::Exit(0));
     }
 
-    not_supported_yet(&cfg, activation)?;
     Ok(Action::Serve(Box::new(cfg)))
 }
 
@@ -136,23 +135,4 @@ fn warn_unused_debug_flags(err: &mut dyn Write, flags: &[(String, String, i64)],
             let _ = writeln!(err, "nbdkit: warning: debug flag -D {name}.{flag} was not used");
         }
     }
-}
-
-/// Options that parse but whose feature is not in this build yet.
-fn not_supported_yet(cfg: &Config, activation: bool) -> Result<(), Stop> {
-    let _ = activation;
-    let what = if cfg.tls == TlsMode::On {
-        "--tls=on"
-    } else if cfg.tls == TlsMode::Require {
-        "--tls=require"
-    } else if cfg.tls_certificates.is_some() {
-        "--tls-certificates"
-    } else if cfg.tls_psk.is_some() {
-        "--tls-psk"
-    } else if cfg.tls_verify_peer {
-        "--tls-verify-peer"
-    } else {
-        return Ok(());
-    };
-    Err(fail(&format!("{what} is not supported yet")))
 }

@@ -76,7 +76,7 @@ fn parse_with(
 ) -> Action {
     let mut args = args.into_iter();
     let prog = args.next().map_or_else(|| "nbdkit".to_string(), |a| a.to_string_lossy().into_owned());
-    let result = parse::lex(args, &prog, activation).and_then(|low| check::finish(low, activation, out, err));
+    let result = parse::lex(args, &prog, activation).and_then(|low| check::finish(low, out, err));
     // Output errors (a closed pipe) are ignored: there is nobody to tell.
     match result {
         Ok(action) => action,
@@ -320,23 +320,11 @@ mod tests {
     }
 
     #[test]
-    fn features_not_built_yet_refuse_to_serve_but_still_probe() {
-        for (args, what) in [
-            (&["--tls=on", "null"][..], "--tls=on"),
-            (&["--tls=require", "null"], "--tls=require"),
-            (&["--tls-certificates=/x", "null"], "--tls-certificates"),
-            (&["--tls-psk=/x", "null"], "--tls-psk"),
-            (&["--tls-verify-peer", "null"], "--tls-verify-peer"),
-        ] {
-            assert_eq!(failure(args), format!("nbdkit: error: {what} is not supported yet\n"), "{args:?}");
-            let mut probe = args.to_vec();
-            probe.push("--dump-plugin");
-            assert_eq!(run(&probe).code(), Some(0), "{probe:?}");
-        }
+    fn service_and_tls_options_serve() {
         assert_eq!(run(&["--tls=off", "null"]).config().tls, TlsMode::Off);
         assert_eq!(run_with(&["null"], true).code(), None);
         for args in [&["-u", "nobody", "-g", "nogroup", "null"][..], &["--vsock", "null"], &["--swap", "null"],
-                     &["--selinux-label=x", "null"]] {
+                     &["--selinux-label=x", "null"], &["--tls=require", "null"], &["--tls-psk=/x", "null"]] {
             assert!(run(args).code().is_none(), "{args:?}");
         }
         assert_eq!(run_with(&["-p", "1", "null"], true).err, "nbdkit: cannot use socket activation with -p flag\n");

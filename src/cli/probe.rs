@@ -136,7 +136,7 @@ pub(super) fn config_keys() -> Vec<(&'static str, String)> {
         ("soext", "so".to_string()),
         ("sysconfdir", SYSCONFDIR.to_string()),
         ("timeout_option", yes_no(true)),
-        ("tls", yes_no(false)), // until TLS lands
+        ("tls", yes_no(true)),
         ("version", VERSION.to_string()),
         ("version_major", major),
         ("version_minor", minor),
@@ -226,7 +226,7 @@ mod tests {
         );
         let t = text(dump_config);
         assert!(t.contains("\nversion=1.44.1\nversion_major=1\nversion_minor=44\n"), "{t}");
-        assert!(t.contains("\ntls=no\n") && t.contains("\nname=nbdkit\n"), "{t}");
+        assert!(t.contains("\ntls=yes\n") && t.contains("\nname=nbdkit\n"), "{t}");
     }
 
     #[test]

@@ -140,6 +140,13 @@ pub struct Negotiation {
     pub chosen: Option<(ExportInfo, u16)>,
     /// base:allocation is usable in the transmission phase.
     pub base_allocation: bool,
+    /// STARTTLS: 0 refused (`--tls=off`), 1 allowed, 2 required first.
+    pub tls_mode: u8,
+    /// The connection has been upgraded to TLS.
+    pub tls: bool,
+    /// Set when STARTTLS was acknowledged: the driver upgrades the
+    /// connection after sending the reply, then calls [`Negotiation::tls_started`].
+    pub start_tls: bool,
 }
 
 impl Negotiation {
@@ -159,6 +166,9 @@ impl Negotiation {
             listed: false,
             chosen: None,
             base_allocation: false,
+            tls_mode: 0,
+            tls: false,
+            start_tls: false,
         })
     }
 
@@ -192,6 +202,14 @@ impl Negotiation {
             Payload::Bytes(b) => Some(b),
             Payload::Dropped => None,
         };
+        // --tls=require: nothing but STARTTLS and ABORT before the upgrade.
+        if self.tls_mode == 2 && !self.tls && option != opt::STARTTLS && option != opt::ABORT {
+            if option == opt::EXPORT_NAME || !self.fixed {
+                return Step::Close; // no way to say TLS_REQD
+            }
+            reply(ex, out, option, rep::ERR_TLS_REQD, b"");
+            return Step::Continue;
+        }
         if option == opt::EXPORT_NAME {
             return self.export_name(bytes.unwrap_or_default(), ex, out);
         }
@@ -222,7 +240,16 @@ impl Negotiation {
                 self.list(ex, out)
             }
             opt::STARTTLS => {
-                let typ = if empty { rep::ERR_POLICY } else { rep::ERR_INVALID };
+                let typ = if !empty {
+                    rep::ERR_INVALID
+                } else if self.tls_mode == 0 {
+                    rep::ERR_POLICY
+                } else if self.tls {
+                    rep::ERR_INVALID // not twice
+                } else {
+                    self.start_tls = true;
+                    rep::ACK
+                };
                 reply(ex, out, option, typ, b"");
                 Step::Continue
             }
@@ -277,6 +304,18 @@ impl Negotiation {
                 Step::Continue
             }
         }
+    }
+
+    /// After the TLS handshake: everything negotiated in plaintext is
+    /// forgotten (an attacker may have injected it; CVE-2021-3716).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.start_tls = false;
+        self.structured = false;
+        self.extended = false;
+        self.meta = None;
+        self.base_allocation = false;
+        self.listed = false;
     }
 
     /// Transmission flags for an export, given what was negotiated.

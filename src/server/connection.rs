@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::transmission::{self, Session};
-use super::{process, Shared};
+use super::{process, tls, Shared};
 use crate::backend::{Handle, Next};
 use crate::proto::codec::DecodeError;
 use crate::proto::handshake::{self, OptionHeader, OPTION_HEADER_LEN};
@@ -69,7 +69,7 @@ where
     log::WithContext::new(ctx.clone(), serve_inner(shared, s, ctx)).await
 }
 
-async fn serve_inner<R, W>(shared: Arc<Shared>, mut s: Streams<R, W>, ctx: Arc<str>)
+async fn serve_inner<R, W>(shared: Arc<Shared>, s: Streams<R, W>, ctx: Arc<str>)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -87,7 +87,10 @@ where
         return;
     }
     let timeout = shared.timeout;
-    let handshake = handshake(&shared, &mut s.reader, &mut s.writer);
+    // Boxed: after STARTTLS they are replaced by streams through the TLS session.
+    let (mut r, mut w): (DynRead, DynWrite) = (Box::new(s.reader), Box::new(s.writer));
+    let mut link = None; // the TLS session, after STARTTLS
+    let handshake = handshake(&shared, &mut r, &mut w, &mut link);
     let quit = shared.quit.clone();
     // A client still negotiating when the server stops has a second to
     // send an option (answered with ERR_SHUTDOWN, see `handshake`), then
@@ -127,10 +130,14 @@ where
         }
     }
     let files = blocking_files(s.fds);
-    drop(s); // the async sources go; the duplicated descriptors stay
-    match files {
-        Ok((r, w)) => transmission::run(&shared, session, r, w, ctx).await,
-        Err(e) => log::error(&format!("transmission: {e}")),
+    drop((r, w, s.shutdown)); // the async sources go; the duplicated descriptors stay
+    match (files, link) {
+        (Ok((r, w)), None) => transmission::run(&shared, session, r, w, ctx).await,
+        (Ok((r, w)), Some(l)) => {
+            let (r, w) = (tls::stream::Input::tls(&l, r), tls::stream::Output::tls(&l, w));
+            transmission::run_io(&shared, session, r, w, ctx).await
+        }
+        (Err(e), _) => log::error(&format!("transmission: {e}")),
     }
 }
 
@@ -162,12 +169,11 @@ fn blocking_files(fds: (RawFd, RawFd)) -> std::io::Result<(std::fs::File, std::f
     Ok((r.into(), w.into()))
 }
 
-async fn handshake<R, W>(shared: &Arc<Shared>, r: &mut R, w: &mut W) -> Result<Session, End>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut ex = ConnExports { shared: shared.clone(), handle: None };
+type DynRead = Box<dyn AsyncRead + Unpin + Send>;
+type DynWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+async fn handshake(shared: &Arc<Shared>, r: &mut DynRead, w: &mut DynWrite, link: &mut Option<Arc<tls::Link>>) -> Result<Session, End> {
+    let mut ex = ConnExports { shared: shared.clone(), handle: None, tls: false };
     if shared.oldstyle {
         let info = blocking_open(&mut ex, "").await.map_err(|_| End::Closed)?;
         let neg = Negotiation::new(shared.policy, 0, 0)?;
@@ -187,6 +193,7 @@ where
     r.read_exact(&mut cflags).await?;
     crate::debug!("newstyle negotiation: client flags: 0x{:x}", u32::from_be_bytes(cflags));
     let mut neg = Negotiation::new(shared.policy, gflags, u32::from_be_bytes(cflags))?;
+    neg.tls_mode = tls::get().map_or(0, |t| 1 + u8::from(t.required));
     let mut payload = Vec::new();
     loop {
         let mut hdr = [0; OPTION_HEADER_LEN];
@@ -215,7 +222,7 @@ where
             // These call into the plugin, which may block: not on our thread.
             let owned = payload.clone();
             let dropped = intake == Intake::Discard;
-            let fresh = ConnExports { shared: ex.shared.clone(), handle: None };
+            let fresh = ConnExports { shared: ex.shared.clone(), handle: None, tls: ex.tls };
             let mut moved = std::mem::replace(&mut ex, fresh);
             let ctx = log::context();
             let (n, e, o, step) = blocking::unblock(move || {
@@ -238,6 +245,12 @@ where
         };
         w.write_all(&out).await?;
         w.flush().await?;
+        if neg.start_tls {
+            let Some(t) = tls::get() else { return Err(End::Closed) };
+            *link = Some(tls::upgrade(t, r, w).await?);
+            neg.tls_started();
+            ex.tls = true;
+        }
         match step {
             Step::Continue => {}
             // ABORT has been noted by the negotiation already.
@@ -274,7 +287,7 @@ fn session(handle: Box<dyn Handle>, info: &ExportInfo, eflags: u16, mode: Mode, 
 }
 
 async fn blocking_open(ex: &mut ConnExports, name: &str) -> Result<ExportInfo, String> {
-    let fresh = ConnExports { shared: ex.shared.clone(), handle: None };
+    let fresh = ConnExports { shared: ex.shared.clone(), handle: None, tls: ex.tls };
     let mut moved = std::mem::replace(ex, fresh);
     let name = name.to_string();
     let ctx = log::context();
@@ -304,17 +317,19 @@ pub async fn discard<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> std::io::Re
 struct ConnExports {
     shared: Arc<Shared>,
     handle: Option<Box<dyn Handle>>,
+    /// The connection is over TLS (is_tls to the plugin).
+    tls: bool,
 }
 
 impl Exports for ConnExports {
     fn list(&mut self) -> Result<Vec<crate::backend::Export>, String> {
         let s = &*self.shared;
         let top = s.chain.top();
-        let mut list = top.list_exports(s.readonly, false).map_err(|e| {
+        let mut list = top.list_exports(s.readonly, self.tls).map_err(|e| {
             log::error(e.message());
             e.message().to_string()
         })?;
-        let default = top.default_export(s.readonly, false);
+        let default = top.default_export(s.readonly, self.tls);
         for e in &mut list {
             // nbdkit_use_default_export's placeholder is the empty name.
             if e.name.is_empty() {
@@ -331,7 +346,7 @@ impl Exports for ConnExports {
         let s = &*self.shared;
         let top = s.chain.top();
         let canonical = if name.is_empty() {
-            top.default_export(s.readonly, false).ok_or_else(|| "default export (\"\") not permitted".to_string())?
+            top.default_export(s.readonly, self.tls).ok_or_else(|| "default export (\"\") not permitted".to_string())?
         } else {
             name.to_string()
         };
@@ -339,7 +354,7 @@ impl Exports for ConnExports {
             log::error(e.message());
             e.message().to_string()
         };
-        let h = top.open(s.readonly, &canonical, false).map_err(fail)?;
+        let h = top.open(s.readonly, &canonical, self.tls).map_err(fail)?;
         let info = ExportInfo {
             size: h.size().map_err(fail)?,
             caps: h.caps().map_err(fail)?,

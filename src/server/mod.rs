@@ -7,6 +7,7 @@ mod nap;
 mod brief;
 pub mod process;
 pub mod service;
+pub mod tls;
 pub mod transmission;
 pub mod uri;
 
@@ -102,9 +103,6 @@ fn start(cfg: Config) -> Result<i32, String> {
         }
     }
     crate::debug!("nbdkit {}", env!("CARGO_PKG_VERSION"));
-    if log::verbose() {
-        tls_decision(&cfg);
-    }
     log::set_debug_flags(
         cfg.debug_flags.iter().map(|(n, f, v)| (n.clone(), f.replace('.', "_"), *v)).collect(),
     );
@@ -127,6 +125,10 @@ fn start(cfg: Config) -> Result<i32, String> {
 
     if cfg.single {
         crate::util::stdio::set_unsafe();
+    }
+    match tls::load(&cfg) {
+        Ok(t) => tls::set(t),
+        Err(tls::Reported) => return Ok(1),
     }
     let mut chain = Chain::new(&cfg.plugin, &cfg.filters)?;
     for (k, v) in &cfg.params {
@@ -292,17 +294,6 @@ fn start(cfg: Config) -> Result<i32, String> {
         Some(Err(e)) => return Err(format!("--run: wait: {e}")),
         None => 0,
     })
-}
-
-/// The TLS decision at start-up, as nbdkit's `-v` reports it.
-fn tls_decision(cfg: &Config) {
-    use crate::cli::TlsMode;
-    match cfg.tls {
-        TlsMode::Off if cfg.tls_on_cli => log::debug("TLS disabled: --tls=off"),
-        TlsMode::Off => log::debug("TLS disabled: could not load TLS certificates"),
-        TlsMode::On => log::debug("TLS enabled: clients may upgrade with NBD_OPT_STARTTLS (--tls=on)"),
-        TlsMode::Require => log::debug("TLS enabled: clients must upgrade with NBD_OPT_STARTTLS (--tls=require)"),
-    }
 }
 
 #[allow(unsafe_code)]

@@ -12,11 +12,12 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IoSlice, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::tls::stream::{Input, Output};
 use super::{brief, nap, Shared};
 use crate::backend::{Extents, Flags, Handle, ThreadModel};
 use crate::error::{Error, ErrorKind};
@@ -165,7 +166,7 @@ struct Conn {
     mode: Mode,
     export: request::Export,
     hlen: usize,
-    reader: Mutex<BufReader<File>>,
+    reader: Mutex<BufReader<Input>>,
     read_fd: RawFd,
     writer: Mutex<Sock>,
     pool: Pool,
@@ -186,6 +187,9 @@ struct Conn {
     /// A TCP connection: big payloads are read once they have all come
     /// (`read_waiting`).
     tcp: bool,
+    /// Through TLS: big READs go to another worker, so that encrypting
+    /// the reply does not hold up reading the next request.
+    tls: bool,
     /// The last request had a payload over [`BIG_PAYLOAD`] (touched under
     /// the read lock).
     big: AtomicBool,
@@ -211,15 +215,22 @@ impl Drop for Conn {
 /// disconnects, breaks the protocol or the server stops; returns when the
 /// last request in flight has been answered.
 pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, ctx: Arc<str>) {
+    run_io(shared, s, Input::Plain(reader), Output::Plain(writer), ctx).await
+}
+
+/// [`run`] on the socket or through TLS (then the zero-copy READs and the
+/// TCP payload reads, which work on the socket itself, are off).
+pub async fn run_io(shared: &Arc<Shared>, s: Session, reader: Input, writer: Output, ctx: Arc<str>) {
     let (done_tx, done_rx) = async_channel::bounded::<()>(1);
     let parallel = shared.model == ThreadModel::Parallel;
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let read_fd = reader.as_raw_fd();
+    let read_fd = reader.fd();
+    let plain = reader.is_plain();
     let inline = !s.handle.blocks();
     // (Not under serialize_all_requests: other connections would wait.)
     let brief = !inline && s.handle.brief() && shared.model > ThreadModel::SerializeAllRequests;
-    let lend = inline && set_send_timeout(writer.as_raw_fd(), LEND_TIME).is_ok();
-    widen_unix_send_buffer(writer.as_raw_fd());
+    let lend = inline && plain && set_send_timeout(writer.fd(), LEND_TIME).is_ok();
+    widen_unix_send_buffer(writer.fd());
     let conn = Arc::new(Conn {
         id,
         hlen: if s.export.extended { EXT_REQUEST_LEN } else { REQUEST_LEN },
@@ -238,7 +249,8 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         serialize_all: shared.model <= ThreadModel::SerializeAllRequests,
         inline,
         lend,
-        tcp: matches!(socket_domain(read_fd), Some(libc::AF_INET | libc::AF_INET6)),
+        tcp: plain && matches!(socket_domain(read_fd), Some(libc::AF_INET | libc::AF_INET6)),
+        tls: !plain,
         big: AtomicBool::new(false),
         brief,
         quick: brief::Brief::default(),
@@ -413,7 +425,9 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
-                Next::Run(req, payload, budget, _) if conn.inline && req.count <= INLINE_MAX => {
+                Next::Run(req, payload, budget, _)
+                    if conn.inline && req.count <= INLINE_MAX && !(conn.tls && req.count > HOLD_MAX as u64) =>
+                {
                     let reply =
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
                     conn.pool.put(payload);
@@ -523,7 +537,7 @@ const LEND_TIME: Duration = Duration::from_millis(50);
 /// The writing side of a connection. Its socket may have a send timeout
 /// (see [`read_lent`]); everywhere else a write that times out is retried,
 /// as if the socket had none.
-struct Sock(File);
+struct Sock(Output);
 
 impl Write for Sock {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -753,7 +767,7 @@ fn send_lent(w: &mut Sock, conn: &Conn, req: &Request, data: &[&[u8]], head: &mu
 /// the data only once all of it has arrived (a payload cut off never
 /// reaches the disk). A handle that cannot gets the usual `pwrite`.
 /// `None` if the client hung up mid-payload or the socket broke.
-fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<Reply> {
+fn write_filled(conn: &Conn, r: &mut BufReader<Input>, req: &Request) -> Option<Reply> {
     let n = req.count as usize;
     let fua = if req.flags & cmdflag::FUA != 0 { Flags::FUA } else { Flags::NONE };
     // None: `fill` did not run; Some(false): the payload was cut off.
@@ -803,7 +817,7 @@ fn write_filled(conn: &Conn, r: &mut BufReader<File>, req: &Request) -> Option<R
 
 /// Fills `bufs` from the connection: what is buffered first, then straight
 /// from the socket. False on EOF or a broken socket.
-fn read_into(conn: &Conn, r: &mut BufReader<File>, bufs: &mut [&mut [u8]]) -> bool {
+fn read_into(conn: &Conn, r: &mut BufReader<Input>, bufs: &mut [&mut [u8]]) -> bool {
     let mut iov: Vec<std::io::IoSliceMut<'_>> = bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
     let mut left = &mut iov[..];
     while !left.is_empty() {
@@ -919,7 +933,7 @@ fn broken(conn: &Conn) {
     shutdown_fd(conn.read_fd, libc::SHUT_RDWR);
 }
 
-fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
+fn read_one(conn: &Conn, r: &mut BufReader<Input>) -> Next {
     let ext = conn.export.extended;
     let mut hdr = [0u8; EXT_REQUEST_LEN];
     // After a big payload, read only the next header: filling the buffer
@@ -961,7 +975,7 @@ fn read_one(conn: &Conn, r: &mut BufReader<File>) -> Next {
     } else {
         request::validate(&req, &conn.export)
     };
-    let refuse = |r: &mut BufReader<File>, e: u32| {
+    let refuse = |r: &mut BufReader<Input>, e: u32| {
         if discard(r, plen).is_err() {
             return Next::Stop { hung_up: true };
         }

@@ -1,0 +1,393 @@
+//! TLS on a connection: the handshake and the rest of the negotiation on
+//! the async side ([`handshake`], [`AsyncIn`], [`AsyncOut`]), then the
+//! transmission phase's blocking streams ([`Input`], [`Output`]), which
+//! the worker threads use like the plain socket.
+//!
+//! One session per connection, behind one lock ([`Link`]); whoever holds
+//! it also writes the records it made to the socket, so records leave in
+//! the order they were made. A reader decrypts what it read from the
+//! socket (the read itself happens without the lock); a writer encrypts a
+//! reply and writes it out.
+
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::engine::Engine;
+use super::Tls;
+
+/// What is read from the socket at once.
+const RAW: usize = 256 * 1024;
+
+/// A connection's TLS session.
+pub struct Link {
+    engine: Mutex<Box<dyn Engine>>,
+    /// Plaintext the negotiation read but did not use (the first bytes of
+    /// the transmission phase), handed to [`Input`].
+    leftover: Mutex<Vec<u8>>,
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, Box<dyn Engine>> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+type DynRead = Box<dyn AsyncRead + Unpin + Send>;
+type DynWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// The TLS handshake after STARTTLS was acknowledged, on the
+/// connection's streams (under the handshake timeout); then the streams
+/// are replaced by ones that go through the session.
+pub async fn upgrade(tls: &Tls, r: &mut DynRead, w: &mut DynWrite) -> io::Result<Arc<Link>> {
+    let link = Arc::new(Link { engine: Mutex::new(tls.engine()?), leftover: Mutex::new(Vec::new()) });
+    let mut raw = vec![0u8; 64 * 1024];
+    let mut plain = Vec::new();
+    let result = async {
+        loop {
+            let mut out = Vec::new();
+            let busy = {
+                let mut e = link.lock();
+                e.flush_to(&mut out)?;
+                e.handshaking()
+            };
+            if !out.is_empty() {
+                w.write_all(&out).await?;
+                w.flush().await?;
+            }
+            if !busy {
+                return Ok(());
+            }
+            let n = r.read(&mut raw).await?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client hung up"));
+            }
+            let fed = link.lock().feed(&raw[..n], &mut plain);
+            if let Err(err) = fed {
+                let mut out = Vec::new();
+                let _ = link.lock().flush_to(&mut out); // the alert
+                let _ = w.write_all(&out).await;
+                let _ = w.flush().await;
+                return Err(err);
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        crate::util::log::error(&format!("TLS handshake: {e}"));
+        return Err(e);
+    }
+    crate::debug!("using TLS on this connection");
+    if crate::util::log::debug_flag("nbdkit", "tls_session") != 0 {
+        crate::util::log::debug(&link.lock().describe());
+    }
+    let old_r = std::mem::replace(r, Box::new(futures_lite::io::empty()));
+    let old_w = std::mem::replace(w, Box::new(futures_lite::io::sink()));
+    *r = Box::new(AsyncIn { inner: old_r, link: link.clone(), raw, plain, at: 0, eof: false });
+    *w = Box::new(AsyncOut { inner: old_w, link: link.clone(), out: Vec::new(), at: 0 });
+    Ok(link)
+}
+
+/// Plaintext from the client during the negotiation.
+pub struct AsyncIn {
+    inner: DynRead,
+    link: Arc<Link>,
+    raw: Vec<u8>,
+    plain: Vec<u8>,
+    at: usize,
+    eof: bool,
+}
+
+impl AsyncRead for AsyncIn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let me = &mut *self;
+        loop {
+            if me.at < me.plain.len() {
+                let n = buf.len().min(me.plain.len() - me.at);
+                buf[..n].copy_from_slice(&me.plain[me.at..me.at + n]);
+                me.at += n;
+                if me.at == me.plain.len() {
+                    me.plain.clear();
+                    me.at = 0;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            if me.eof {
+                return Poll::Ready(Ok(0));
+            }
+            let n = match Pin::new(&mut me.inner).poll_read(cx, &mut me.raw) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(n)) => n,
+            };
+            // (What the session has to say back goes out with the next reply.)
+            me.eof = me.link.lock().feed(&me.raw[..n], &mut me.plain)?;
+        }
+    }
+}
+
+impl Drop for AsyncIn {
+    fn drop(&mut self) {
+        let rest = self.plain.split_off(self.at);
+        *self.link.leftover.lock().unwrap_or_else(|p| p.into_inner()) = rest;
+    }
+}
+
+/// Plaintext to the client during the negotiation.
+pub struct AsyncOut {
+    inner: DynWrite,
+    link: Arc<Link>,
+    out: Vec<u8>,
+    at: usize,
+}
+
+impl AsyncOut {
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.at < self.out.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.out[self.at..]) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.at += n,
+            }
+        }
+        self.out.clear();
+        self.at = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for AsyncOut {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let me = &mut *self;
+        if let Poll::Ready(Err(e)) = me.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if me.at < me.out.len() {
+            return Poll::Pending;
+        }
+        let mut e = me.link.lock();
+        e.encrypt(buf)?;
+        e.flush_to(&mut me.out)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = &mut *self;
+        if me.out.is_empty() {
+            // Records the reader's side made (alerts, key updates).
+            me.link.lock().flush_to(&mut me.out)?;
+        }
+        match me.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut me.inner).poll_flush(cx),
+            p => p,
+        }
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.as_mut().poll_flush(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut self.inner).poll_close(cx),
+            p => p,
+        }
+    }
+}
+
+/// The client → server stream of the transmission phase.
+pub enum Input {
+    /// The socket itself.
+    Plain(File),
+    /// Through TLS.
+    Tls(TlsIn),
+}
+
+/// The server → client stream of the transmission phase.
+pub enum Output {
+    /// The socket itself.
+    Plain(File),
+    /// Through TLS.
+    Tls(TlsOut),
+}
+
+impl Input {
+    /// Over `link` on the socket `sock` (blocking).
+    pub fn tls(link: &Arc<Link>, sock: File) -> Input {
+        let plain = std::mem::take(&mut *link.leftover.lock().unwrap_or_else(|p| p.into_inner()));
+        Input::Tls(TlsIn { link: link.clone(), sock, raw: vec![0; RAW], plain, at: 0, eof: false })
+    }
+
+    /// The socket's descriptor.
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Input::Plain(f) => f.as_raw_fd(),
+            Input::Tls(t) => t.sock.as_raw_fd(),
+        }
+    }
+
+    /// True for the plain socket (the zero-copy and TCP paths are for it only).
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Input::Plain(_))
+    }
+}
+
+impl Output {
+    /// Over `link` on the socket `sock` (blocking).
+    pub fn tls(link: &Arc<Link>, sock: File) -> Output {
+        Output::Tls(TlsOut { link: link.clone(), sock })
+    }
+
+    /// The socket's descriptor.
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Output::Plain(f) => f.as_raw_fd(),
+            Output::Tls(t) => t.sock.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Input {
+    #[inline]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Input::Plain(f) => f.read(buf),
+            Input::Tls(t) => t.read(buf),
+        }
+    }
+    #[inline]
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match self {
+            Input::Plain(f) => f.read_vectored(bufs),
+            Input::Tls(t) => t.read_vectored(bufs),
+        }
+    }
+}
+
+impl Write for Output {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::Plain(f) => f.write(buf),
+            Output::Tls(t) => t.write_vectored(&[IoSlice::new(buf)]),
+        }
+    }
+    #[inline]
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Output::Plain(f) => f.write_vectored(bufs),
+            Output::Tls(t) => t.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Decrypts what comes from the socket.
+pub struct TlsIn {
+    link: Arc<Link>,
+    sock: File,
+    raw: Vec<u8>,
+    plain: Vec<u8>,
+    at: usize,
+    eof: bool,
+}
+
+impl TlsIn {
+    fn fill(&mut self) -> io::Result<()> {
+        while self.at == self.plain.len() && !self.eof {
+            self.plain.clear();
+            self.at = 0;
+            // The read happens without the lock: writers go on meanwhile.
+            let n = self.sock.read(&mut self.raw)?;
+            if n == 0 {
+                self.eof = true;
+                break;
+            }
+            let mut e = self.link.lock();
+            let fed = e.feed(&self.raw[..n], &mut self.plain);
+            let flushed = e.flush_to(&mut Retry(&self.sock));
+            drop(e);
+            self.eof = fed?;
+            flushed?;
+        }
+        Ok(())
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.fill()?;
+        let mut n = 0;
+        for b in bufs.iter_mut() {
+            let k = b.len().min(self.plain.len() - self.at);
+            b[..k].copy_from_slice(&self.plain[self.at..self.at + k]);
+            self.at += k;
+            n += k;
+            if self.at == self.plain.len() {
+                break;
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Read for TlsIn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_vectored(&mut [IoSliceMut::new(buf)])
+    }
+}
+
+/// Encrypts replies and writes them to the socket.
+pub struct TlsOut {
+    link: Arc<Link>,
+    sock: File,
+}
+
+impl TlsOut {
+    /// Encrypts and sends all of `bufs` (never a part: a record cut off
+    /// would end the session anyway).
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut e = self.link.lock();
+        let mut n = 0;
+        for b in bufs {
+            e.encrypt(b)?;
+            n += b.len();
+        }
+        e.flush_to(&mut Retry(&self.sock))?;
+        Ok(n)
+    }
+}
+
+impl Drop for TlsOut {
+    fn drop(&mut self) {
+        let mut e = self.link.lock();
+        e.close();
+        let _ = e.flush_to(&mut Retry(&self.sock));
+    }
+}
+
+/// Writes to a blocking socket, retrying what a signal interrupted.
+struct Retry<'a>(&'a File);
+
+impl Write for Retry<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match (&mut &*self.0).write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        loop {
+            match (&mut &*self.0).write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
