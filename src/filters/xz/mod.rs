@@ -31,7 +31,7 @@ mod decode;
 mod format;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use crate::backend::extents::{HOLE, ZERO};
@@ -49,6 +49,9 @@ const DEFAULT_DEPTH: u64 = 8;
 const ZCHUNK: u64 = 4096;
 /// Images (files) whose layout and zero maps are remembered.
 const IMAGES_MAX: usize = 16;
+
+/// False if a layer below is not parallel (then nothing but requests calls it).
+static READ_AHEAD: AtomicBool = AtomicBool::new(true);
 
 struct Xz {
     max_block: u64,
@@ -81,6 +84,13 @@ impl Filter for Xz {
         ThreadModel::Parallel
     }
 
+    fn get_ready(&mut self, model: ThreadModel) -> Result<()> {
+        // Read-ahead calls the layer below from a thread of its own: only
+        // if the whole chain allows calls in parallel.
+        READ_AHEAD.store(model == ThreadModel::Parallel, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn open(&self, next: &dyn Next, _readonly: bool, export: &str, is_tls: bool) -> Result<Box<dyn Handle>> {
         let next: Arc<dyn Handle> = Arc::from(next.open(true, export, is_tls)?);
         let file_size = next.size()?;
@@ -108,7 +118,8 @@ impl Filter for Xz {
         let image = Image::get(export, layout);
         {
             let mut c = cache();
-            c.budget = c.budget.max(self.depth.saturating_mul(image.layout.max_block));
+            c.per_handle = c.per_handle.max(self.depth.saturating_mul(image.layout.max_block));
+            c.handles += 1;
         }
         let mem_limit = self.max_block.max(64 << 20) + (2 << 20);
         Ok(Box::new(XzHandle {
@@ -224,8 +235,12 @@ struct Cache {
     slots: HashMap<(u64, usize), Slot>,
     /// Bytes held by `Ready` slots.
     bytes: u64,
-    /// Most bytes `Ready` slots may hold.
-    budget: u64,
+    /// Bytes the cache may hold per open connection: `xz-max-depth` × the
+    /// largest block (the most of any image opened), as nbdkit's cache
+    /// per connection.
+    per_handle: u64,
+    /// Open connections.
+    handles: u64,
     tick: u64,
     /// Decompressions running.
     running: usize,
@@ -286,12 +301,19 @@ impl Cache {
         self.tick += 1;
         self.bytes += data.len() as u64;
         self.slots.insert(key, Slot::Ready { data, used: self.tick });
-        while self.bytes > self.budget {
+        self.trim(Some(key));
+    }
+
+    /// Evicts least recently used blocks (but `keep`) until the cache is
+    /// within `per_handle` × open connections.
+    fn trim(&mut self, keep: Option<(u64, usize)>) {
+        let budget = self.per_handle.saturating_mul(self.handles.max(1));
+        while self.bytes > budget {
             let victim = self
                 .slots
                 .iter()
                 .filter_map(|(k, s)| match s {
-                    Slot::Ready { used, .. } if *k != key => Some((*used, *k)),
+                    Slot::Ready { used, .. } if Some(*k) != keep => Some((*used, *k)),
                     _ => None,
                 })
                 .min();
@@ -350,7 +372,10 @@ impl Shared {
     /// Starts decompressing block `i` in the background if it is neither
     /// known to be zero, nor cached, nor on its way, and a decoder is free.
     fn read_ahead(self: &Arc<Self>, i: usize) {
-        if i >= self.image.layout.blocks.len() || self.image.zero_maps[i].get().is_some_and(|z| z.all_zero) {
+        if !READ_AHEAD.load(Ordering::Relaxed)
+            || i >= self.image.layout.blocks.len()
+            || self.image.zero_maps[i].get().is_some_and(|z| z.all_zero)
+        {
             return;
         }
         let key = (self.image.id, i);
@@ -447,6 +472,11 @@ struct XzHandle {
 
 impl Drop for XzHandle {
     fn drop(&mut self) {
+        {
+            let mut c = cache();
+            c.handles = c.handles.saturating_sub(1);
+            c.trim(None);
+        }
         crate::debug!(
             "xz: cache: hits = {}, misses = {}",
             self.hits.load(Ordering::Relaxed),
