@@ -256,3 +256,45 @@ fn caps_and_description() {
     assert!(!c.write && c.extents && c.multi_conn && c.cache == Support::Native && !c.trim);
     assert_eq!(h.export_description(), None);
 }
+
+#[test]
+fn the_cache_evicts_least_recently_used_blocks_within_its_budget() {
+    let mut c = Cache { per_handle: 3000, handles: 1, ..Cache::default() };
+    for i in 0..3 {
+        c.insert((1, i), Arc::new(vec![i as u8; 1000]));
+    }
+    assert_eq!(c.bytes, 3000);
+    assert!(c.lookup((1, 0)).is_some()); // 0 is now the most recent
+    c.insert((1, 3), Arc::new(vec![3; 1000]));
+    assert_eq!(c.bytes, 3000);
+    assert!(c.lookup((1, 1)).is_none(), "1 was the least recently used");
+    assert!(c.lookup((1, 0)).is_some() && c.lookup((1, 2)).is_some() && c.lookup((1, 3)).is_some());
+    // A second connection doubles the budget; its close halves it again.
+    c.handles = 2;
+    for i in 4..7 {
+        c.insert((2, i), Arc::new(vec![0; 1000]));
+    }
+    assert_eq!(c.bytes, 6000);
+    c.handles = 1;
+    c.trim(None);
+    assert_eq!(c.bytes, 3000);
+    assert!(c.lookup((2, 6)).is_some() && c.lookup((1, 0)).is_none());
+    // A block bigger than the budget stays (it is being used) alone.
+    c.insert((3, 0), Arc::new(vec![0; 5000]));
+    assert_eq!(c.bytes, 5000);
+    c.forget(3);
+    assert_eq!(c.bytes, 0);
+}
+
+#[test]
+fn zero_maps_find_zero_runs() {
+    let mut d = vec![0u8; 5 * 4096 + 100];
+    d[4096 + 7] = 1;
+    d[5 * 4096 + 99] = 2;
+    let z = ZeroMap::of(&d);
+    assert!(!z.all_zero);
+    assert_eq!((0..6).map(|c| z.zero(c)).collect::<Vec<_>>(), [true, false, true, true, true, false]);
+    assert!(z.range_zero(0, 4096) && !z.range_zero(0, 4097) && z.range_zero(8192, 5 * 4096));
+    assert!(ZeroMap::of(&[0; 10]).all_zero);
+    assert!(is_zero(&[]) && is_zero(&[0]) && !is_zero(&[0, 0, 1]) && !is_zero(&[1, 0]));
+}
