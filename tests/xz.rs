@@ -301,7 +301,7 @@ fn p13_hostile_files_fail_at_open_then_the_server_serves_a_good_one() {
         ("empty", vec![]),
         ("shorter than the header", good[..8].to_vec()),
         ("header only", good[..12].to_vec()),
-        ("truncated stream", good[..n / 2 & !3].to_vec()),
+        ("truncated stream", good[..(n / 2) & !3].to_vec()),
         ("truncated by four", good[..n - 4].to_vec()),
         ("odd size", good[..n - 1].to_vec()),
     ];

@@ -148,7 +148,7 @@ pub struct Record {
 
 /// Decodes a whole index (`b` is exactly the backward size long).
 pub fn decode_index(b: &[u8]) -> Result<Vec<Record>, FormatError> {
-    if b.len() < 8 || b.len() % 4 != 0 {
+    if b.len() < 8 || !b.len().is_multiple_of(4) {
         return err("index has an impossible size");
     }
     if b[0] != 0 {
@@ -178,7 +178,7 @@ pub fn decode_index(b: &[u8]) -> Result<Vec<Record>, FormatError> {
         records.push(Record { unpadded, uncompressed });
     }
     // Index padding: zeroes up to a multiple of four, then the CRC.
-    if (b.len() - pos) >= 4 || b[pos..].iter().any(|&x| x != 0) || b.len() % 4 != 0 {
+    if (b.len() - pos) >= 4 || b[pos..].iter().any(|&x| x != 0) {
         return err("index has garbage after its records");
     }
     Ok(records)
@@ -235,10 +235,13 @@ struct Stream {
     records: Vec<Record>,
 }
 
+/// Reads `buf.len()` bytes of the file at an offset.
+pub type ReadFn<'a> = dyn FnMut(&mut [u8], u64) -> Result<(), String> + 'a;
+
 /// Walks the file backwards and builds the block map. `read(buf, offset)`
 /// fills `buf` from the file; this function never asks for bytes outside
 /// `[0, file_size)`.
-pub fn parse(file_size: u64, read: &mut dyn FnMut(&mut [u8], u64) -> Result<(), String>) -> Result<Layout, FormatError> {
+pub fn parse(file_size: u64, read: &mut ReadFn<'_>) -> Result<Layout, FormatError> {
     use std::hash::Hasher;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     hasher.write_u64(file_size);
@@ -257,7 +260,7 @@ pub fn parse(file_size: u64, read: &mut dyn FnMut(&mut [u8], u64) -> Result<(), 
     if magic != HEADER_MAGIC {
         return err("xz: not an xz file");
     }
-    if file_size % 4 != 0 {
+    if !file_size.is_multiple_of(4) {
         return err("xz: not an xz file: size is not a multiple of 4 bytes");
     }
     if file_size < 2 * HEADER_SIZE {

@@ -527,9 +527,7 @@ impl XzHandle {
                     Err(e) => return Some(Err(e)),
                 }
             };
-            let Some((data, hit)) = data else {
-                return None;
-            };
+            let (data, hit) = data?;
             if hit {
                 self.hits.fetch_add(1, Ordering::Relaxed);
             } else {
