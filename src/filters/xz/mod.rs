@@ -47,6 +47,9 @@ const DEFAULT_MAX_BLOCK: u64 = 512 << 20;
 const DEFAULT_DEPTH: u64 = 8;
 /// Granularity of the zero maps.
 const ZCHUNK: u64 = 4096;
+/// Shortest zero run (in [`ZCHUNK`]s) block status reports as a hole:
+/// shorter ones would cut data into small requests for no gain.
+const MIN_HOLE: usize = 16;
 /// Images (files) whose layout and zero maps are remembered.
 const IMAGES_MAX: usize = 16;
 
@@ -176,7 +179,10 @@ impl Image {
 /// Which 4 KiB runs of a block are all zero (a bit each, relative to the
 /// start of the block; the last run may be shorter).
 struct ZeroMap {
+    /// Zero runs, for reads.
     bits: Box<[u64]>,
+    /// Zero runs of at least [`MIN_HOLE`] runs, for block status.
+    holes: Box<[u64]>,
     all_zero: bool,
 }
 
@@ -192,10 +198,32 @@ impl ZeroMap {
                 all_zero = false;
             }
         }
-        ZeroMap { bits, all_zero }
+        let mut holes = bits.clone();
+        let get = |b: &[u64], i: usize| b[i / 64] & (1 << (i % 64)) != 0;
+        let mut i = 0;
+        while i < chunks {
+            if !get(&bits, i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < chunks && get(&bits, i) {
+                i += 1;
+            }
+            if i - start < MIN_HOLE {
+                for j in start..i {
+                    holes[j / 64] &= !(1 << (j % 64));
+                }
+            }
+        }
+        ZeroMap { bits, holes, all_zero }
     }
     fn zero(&self, chunk: u64) -> bool {
         self.bits[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+    }
+    /// True if `chunk` is part of a zero run long enough to report.
+    fn hole(&self, chunk: u64) -> bool {
+        self.holes[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
     }
     /// True if `[from, to)` (offsets in the block) is all zero.
     fn range_zero(&self, from: u64, to: u64) -> bool {
@@ -596,7 +624,7 @@ impl Handle for XzHandle {
                 while b.uoffset + c * ZCHUNK < stop {
                     let from = (b.uoffset + c * ZCHUNK).max(off);
                     let to = (b.uoffset + (c + 1) * ZCHUNK).min(stop);
-                    let typ = if zm.zero(c) { HOLE | ZERO } else { 0 };
+                    let typ = if zm.hole(c) { HOLE | ZERO } else { 0 };
                     if flags.contains(Flags::REQ_ONE) && ext.list().last().is_some_and(|l| l.typ != typ) {
                         break;
                     }

@@ -140,7 +140,7 @@ fn extents_report_the_zero_runs_of_the_data() {
             assert_eq!(x.typ, 0);
         }
     }
-    // Every aligned 4 KiB run of zeroes inside a block is reported.
+    // Zero runs of 64 KiB and more inside a block are reported.
     let zero_bytes: u64 = got.iter().filter(|x| x.typ != 0).map(|x| x.length).sum();
     assert!(zero_bytes >= 300_000, "only {zero_bytes} zero bytes reported");
     // REQ_ONE gives a single extent.
@@ -293,6 +293,12 @@ fn zero_maps_find_zero_runs() {
     d[5 * 4096 + 99] = 2;
     let z = ZeroMap::of(&d);
     assert!(!z.all_zero);
+    assert!((0..6).all(|c| !z.hole(c)), "runs shorter than 64 KiB are no holes");
+    let mut d2 = vec![0u8; 40 * 4096];
+    d2[3 * 4096] = 1;
+    d2[20 * 4096] = 1;
+    let z2 = ZeroMap::of(&d2);
+    assert_eq!((0..40).filter(|&c| z2.hole(c)).collect::<Vec<_>>(), (4..20).chain(21..40).collect::<Vec<_>>());
     assert_eq!((0..6).map(|c| z.zero(c)).collect::<Vec<_>>(), [true, false, true, true, true, false]);
     assert!(z.range_zero(0, 4096) && !z.range_zero(0, 4097) && z.range_zero(8192, 5 * 4096));
     assert!(ZeroMap::of(&[0; 10]).all_zero);
