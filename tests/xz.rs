@@ -74,15 +74,15 @@ fn every_kind_of_xz_image_copies_out_identical() {
     require!("qemu-img", "--version");
     let dir = TempDir::new("xz-kinds");
     let exports = TempDir::new("xz-exports");
-    let src = image(6 << 20 | 12345, 1);
+    let src = image(4 << 20 | 12345, 1);
     let srcp = dir.path("disk.img");
     std::fs::write(&srcp, &src).unwrap();
     let sum = sha256(&srcp);
 
     // Halves for the multi-stream files.
     let (h1, h2) = (dir.path("h1"), dir.path("h2"));
-    std::fs::write(&h1, &src[..3 << 20]).unwrap();
-    std::fs::write(&h2, &src[3 << 20..]).unwrap();
+    std::fs::write(&h1, &src[..2 << 20]).unwrap();
+    std::fs::write(&h2, &src[2 << 20..]).unwrap();
     let (x1, x2) = (dir.path("h1.xz"), dir.path("h2.xz"));
     xz(&h1, &x1, &["--block-size=1MiB"]);
     xz(&h2, &x2, &["--check=sha256"]);

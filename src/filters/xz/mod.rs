@@ -53,6 +53,9 @@ const MIN_HOLE: usize = 16;
 /// Images (files) whose layout and zero maps are remembered.
 const IMAGES_MAX: usize = 16;
 
+/// Blocks decompressed since start (for the debug line at close).
+static DECODED: AtomicU64 = AtomicU64::new(0);
+
 /// False if a layer below is not parallel (then nothing but requests calls it).
 static READ_AHEAD: AtomicBool = AtomicBool::new(true);
 
@@ -254,7 +257,9 @@ struct Pending {
 }
 
 enum Slot {
-    Ready { data: Arc<Vec<u8>>, used: u64 },
+    /// `read`: a READ has used it (blocks decompressed for block status or
+    /// read-ahead and not read yet are evicted last).
+    Ready { data: Arc<Vec<u8>>, used: u64, read: bool },
     Loading(Arc<Pending>),
 }
 
@@ -315,8 +320,9 @@ impl Cache {
         self.tick += 1;
         let tick = self.tick;
         match self.slots.get_mut(&key) {
-            Some(Slot::Ready { data, used }) => {
+            Some(Slot::Ready { data, used, read }) => {
                 *used = tick;
+                *read = true;
                 Some(data.clone())
             }
             _ => None,
@@ -328,12 +334,13 @@ impl Cache {
     fn insert(&mut self, key: (u64, usize), data: Arc<Vec<u8>>) {
         self.tick += 1;
         self.bytes += data.len() as u64;
-        self.slots.insert(key, Slot::Ready { data, used: self.tick });
+        self.slots.insert(key, Slot::Ready { data, used: self.tick, read: false });
         self.trim(Some(key));
     }
 
-    /// Evicts least recently used blocks (but `keep`) until the cache is
-    /// within `per_handle` × open connections.
+    /// Evicts blocks (but `keep`) until the cache is within `per_handle` ×
+    /// open connections: least recently used first, those read before
+    /// those not read yet.
     fn trim(&mut self, keep: Option<(u64, usize)>) {
         let budget = self.per_handle.saturating_mul(self.handles.max(1));
         while self.bytes > budget {
@@ -341,11 +348,11 @@ impl Cache {
                 .slots
                 .iter()
                 .filter_map(|(k, s)| match s {
-                    Slot::Ready { used, .. } if Some(*k) != keep => Some((*used, *k)),
+                    Slot::Ready { used, read, .. } if Some(*k) != keep => Some((!*read, *used, *k)),
                     _ => None,
                 })
                 .min();
-            let Some((_, k)) = victim else { break };
+            let Some((_, _, k)) = victim else { break };
             if let Some(Slot::Ready { data, .. }) = self.slots.remove(&k) {
                 self.bytes -= data.len() as u64;
             }
@@ -365,15 +372,16 @@ struct Shared {
 impl Shared {
     /// The decompressed block `i`: from the cache, from a decompression in
     /// flight, or decompressed now. Returns whether it was a hit too.
-    fn fetch(self: &Arc<Self>, i: usize) -> Result<(Data, bool)> {
+    fn fetch(self: &Arc<Self>, i: usize, for_read: bool) -> Result<(Data, bool)> {
         let key = (self.image.id, i);
         let (c_lock, c_cv) = cache_pair();
         let mut c = lock(c_lock);
         c.tick += 1;
         let tick = c.tick;
         let pending = match c.slots.get_mut(&key) {
-            Some(Slot::Ready { data, used }) => {
+            Some(Slot::Ready { data, used, read }) => {
                 *used = tick;
+                *read |= for_read;
                 return Ok((Some(data.clone()), true));
             }
             Some(Slot::Loading(p)) => Some(p.clone()),
@@ -381,7 +389,11 @@ impl Shared {
         };
         if let Some(p) = pending {
             drop(c);
-            return wait(&p).map(|d| (d, true));
+            let d = wait(&p)?;
+            if for_read {
+                self.mark_read(key);
+            }
+            return Ok((d, true));
         }
         if self.image.zero_maps[i].get().is_some_and(|z| z.all_zero) {
             return Ok((None, true));
@@ -394,8 +406,20 @@ impl Shared {
         c.running += 1;
         drop(c);
         self.decode_into(i, &p);
-        wait(&p).map(|d| (d, false))
+        let d = wait(&p)?;
+        if for_read {
+            self.mark_read(key);
+        }
+        Ok((d, false))
     }
+
+    /// Notes that a READ used cached block `key`.
+    fn mark_read(&self, key: (u64, usize)) {
+        if let Some(Slot::Ready { read, .. }) = cache().slots.get_mut(&key) {
+            *read = true;
+        }
+    }
+
 
     /// Starts decompressing block `i` in the background if it is neither
     /// known to be zero, nor cached, nor on its way, and a decoder is free.
@@ -435,6 +459,7 @@ impl Shared {
     /// its zero map, fills the cache slot and wakes the waiters.
     fn decode_into(&self, i: usize, p: &Pending) {
         let b = self.image.layout.blocks[i];
+        DECODED.fetch_add(1, Ordering::Relaxed);
         let result = (|| -> Result<Data> {
             let mut out = zeroed(b.usize).ok_or_else(|| {
                 Error::new(ErrorKind::NoMem, format!("malloc ({} bytes): Cannot allocate memory", b.usize))
@@ -444,6 +469,11 @@ impl Shared {
             let zm = self.image.zero_maps[i].get_or_init(|| ZeroMap::of(&out));
             Ok(if zm.all_zero { None } else { Some(Arc::new(out)) })
         })();
+        crate::debug!("xz: block {i} decompressed: {}", match &result {
+            Ok(None) => "all zero",
+            Ok(Some(_)) => "cached",
+            Err(_) => "error",
+        });
         let key = (self.image.id, i);
         let outcome = result.map_err(|e| (e.kind(), format!("xz: block {i} at file offset {}: {}", b.coffset, e.message())));
         {
@@ -506,9 +536,10 @@ impl Drop for XzHandle {
             c.trim(None);
         }
         crate::debug!(
-            "xz: cache: hits = {}, misses = {}",
+            "xz: cache: hits = {}, misses = {}, blocks decompressed by all connections = {}",
             self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed)
+            self.misses.load(Ordering::Relaxed),
+            DECODED.load(Ordering::Relaxed)
         );
     }
 }
@@ -550,7 +581,7 @@ impl XzHandle {
             let data = if nowait {
                 cache().lookup((self.shared.image.id, i)).map(|d| (Some(d), true))
             } else {
-                match self.shared.fetch(i) {
+                match self.shared.fetch(i, true) {
                     Ok(d) => Some(d),
                     Err(e) => return Some(Err(e)),
                 }
@@ -610,7 +641,7 @@ impl Handle for XzHandle {
                 // Decompress the first block whose map is unknown; stop
                 // before any other (the client asks again from there).
                 None if last.is_none() => {
-                    self.shared.fetch(i)?;
+                    self.shared.fetch(i, false)?;
                     self.shared.image.zero_maps[i].get().ok_or_else(|| Error::io("xz: no zero map"))?
                 }
                 None => break,
@@ -637,8 +668,13 @@ impl Handle for XzHandle {
                 break;
             }
         }
+        // Read ahead inside the range asked for only: a client that
+        // splits the image between connections (nbdcopy) asks for the
+        // extents of its part before reading it.
         if let Some(i) = last {
-            self.shared.read_ahead(i + 1);
+            if layout.blocks.get(i + 1).is_some_and(|b| b.uoffset < end) {
+                self.shared.read_ahead(i + 1);
+            }
         }
         Ok(())
     }
@@ -648,7 +684,7 @@ impl Handle for XzHandle {
         let mut off = offset;
         while off < end {
             let Some(i) = layout.find(off) else { break };
-            self.shared.fetch(i)?;
+            self.shared.fetch(i, false)?;
             let b = &layout.blocks[i];
             off = b.uoffset + b.usize;
         }

@@ -264,11 +264,16 @@ fn the_cache_evicts_least_recently_used_blocks_within_its_budget() {
         c.insert((1, i), Arc::new(vec![i as u8; 1000]));
     }
     assert_eq!(c.bytes, 3000);
-    assert!(c.lookup((1, 0)).is_some()); // 0 is now the most recent
+    // Read 1 then 0: 2 was never read, 1 is the least recently read.
+    assert!(c.lookup((1, 1)).is_some() && c.lookup((1, 0)).is_some());
     c.insert((1, 3), Arc::new(vec![3; 1000]));
     assert_eq!(c.bytes, 3000);
-    assert!(c.lookup((1, 1)).is_none(), "1 was the least recently used");
-    assert!(c.lookup((1, 0)).is_some() && c.lookup((1, 2)).is_some() && c.lookup((1, 3)).is_some());
+    assert!(!c.slots.contains_key(&(1, 1)), "1 was the least recently read");
+    c.insert((1, 4), Arc::new(vec![4; 1000]));
+    assert!(!c.slots.contains_key(&(1, 0)), "blocks read go before those not read yet");
+    c.insert((1, 5), Arc::new(vec![5; 1000]));
+    assert!(!c.slots.contains_key(&(1, 2)), "then the least recently used");
+    assert!(c.lookup((1, 0)).is_none() && c.lookup((1, 4)).is_some() && c.lookup((1, 3)).is_some());
     // A second connection doubles the budget; its close halves it again.
     c.handles = 2;
     for i in 4..7 {
@@ -278,7 +283,7 @@ fn the_cache_evicts_least_recently_used_blocks_within_its_budget() {
     c.handles = 1;
     c.trim(None);
     assert_eq!(c.bytes, 3000);
-    assert!(c.lookup((2, 6)).is_some() && c.lookup((1, 0)).is_none());
+    assert!(c.lookup((2, 6)).is_some() && c.lookup((1, 5)).is_none());
     // A block bigger than the budget stays (it is being used) alone.
     c.insert((3, 0), Arc::new(vec![0; 5000]));
     assert_eq!(c.bytes, 5000);
