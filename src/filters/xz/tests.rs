@@ -309,3 +309,25 @@ fn zero_maps_find_zero_runs() {
     assert!(ZeroMap::of(&[0; 10]).all_zero);
     assert!(is_zero(&[]) && is_zero(&[0]) && !is_zero(&[0, 0, 1]) && !is_zero(&[1, 0]));
 }
+
+#[test]
+fn connections_share_decompressed_blocks_and_zero_maps() {
+    let mut src = image(300_000, 11);
+    src.extend(vec![0; 200_000]);
+    let file = xz(&src, &["--block-size=100000"]);
+    let a = open(file.clone(), "shared");
+    let b = open(file.clone(), "shared");
+    let mut buf = vec![0; 1000];
+    assert!(b.pread_nowait(&mut buf, 150_000).is_none(), "nothing decompressed yet");
+    a.pread(&mut buf, 150_000, Flags::NONE).unwrap();
+    assert!(matches!(b.pread_nowait(&mut buf, 150_000), Some(Ok(()))), "the other connection's block is shared");
+    assert_eq!(buf, src[150_000..151_000]);
+    // A zero block decompressed by one connection reads as zero on the
+    // other without decompression (its zero map is shared).
+    a.pread(&mut buf, 450_000, Flags::NONE).unwrap();
+    assert!(matches!(b.pread_nowait(&mut buf, 450_000), Some(Ok(()))));
+    assert!(buf.iter().all(|&x| x == 0));
+    // Another export name is another image.
+    let c = open(file, "other");
+    assert!(c.pread_nowait(&mut buf, 150_000).is_none());
+}
