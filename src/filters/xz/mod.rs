@@ -460,7 +460,8 @@ impl Shared {
     fn decode_into(&self, i: usize, p: &Pending) {
         let b = self.image.layout.blocks[i];
         DECODED.fetch_add(1, Ordering::Relaxed);
-        let result = (|| -> Result<Data> {
+        // (A panic must still wake the waiters and free the decoder slot.)
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Data> {
             let mut out = zeroed(b.usize).ok_or_else(|| {
                 Error::new(ErrorKind::NoMem, format!("malloc ({} bytes): Cannot allocate memory", b.usize))
             })?;
@@ -468,7 +469,8 @@ impl Shared {
             decode::decode_block(&read, &b, &mut out, self.mem_limit)?;
             let zm = self.image.zero_maps[i].get_or_init(|| ZeroMap::of(&out));
             Ok(if zm.all_zero { None } else { Some(Arc::new(out)) })
-        })();
+        }))
+        .unwrap_or_else(|_| Err(Error::io("xz: panic while decompressing")));
         crate::debug!("xz: block {i} decompressed: {}", match &result {
             Ok(None) => "all zero",
             Ok(Some(_)) => "cached",
