@@ -277,6 +277,8 @@ struct Cache {
     tick: u64,
     /// Decompressions running.
     running: usize,
+    /// Buffers of evicted blocks, for reuse.
+    spare: Vec<Vec<u8>>,
 }
 
 static CACHE: OnceLock<(Mutex<Cache>, Condvar)> = OnceLock::new();
@@ -338,6 +340,21 @@ impl Cache {
         self.trim(Some(key));
     }
 
+    /// Keeps an evicted block's buffer for the next decompression of a
+    /// block of the same size (its pages are already mapped: no page
+    /// faults, no zeroing by the kernel); at most one per decoder.
+    fn recycle(&mut self, v: Vec<u8>) {
+        if self.spare.len() < max_running() {
+            self.spare.push(v);
+        }
+    }
+
+    /// A spare buffer of exactly `n` bytes, if there is one.
+    fn spare(&mut self, n: u64) -> Option<Vec<u8>> {
+        let i = self.spare.iter().position(|v| v.len() as u64 == n)?;
+        Some(self.spare.swap_remove(i))
+    }
+
     /// Evicts blocks (but `keep`) until the cache is within `per_handle` ×
     /// open connections: least recently used first, those read before
     /// those not read yet.
@@ -355,6 +372,9 @@ impl Cache {
             let Some((_, _, k)) = victim else { break };
             if let Some(Slot::Ready { data, .. }) = self.slots.remove(&k) {
                 self.bytes -= data.len() as u64;
+                if let Ok(v) = Arc::try_unwrap(data) {
+                    self.recycle(v);
+                }
             }
         }
     }
@@ -462,13 +482,19 @@ impl Shared {
         DECODED.fetch_add(1, Ordering::Relaxed);
         // (A panic must still wake the waiters and free the decoder slot.)
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Data> {
-            let mut out = zeroed(b.usize).ok_or_else(|| {
+            let spare = cache().spare(b.usize);
+            let mut out = spare.or_else(|| zeroed(b.usize)).ok_or_else(|| {
                 Error::new(ErrorKind::NoMem, format!("malloc ({} bytes): Cannot allocate memory", b.usize))
             })?;
             let read = |buf: &mut [u8], off: u64| self.next.pread(buf, off, Flags::NONE);
             decode::decode_block(&read, &b, &mut out, self.mem_limit)?;
             let zm = self.image.zero_maps[i].get_or_init(|| ZeroMap::of(&out));
-            Ok(if zm.all_zero { None } else { Some(Arc::new(out)) })
+            Ok(if zm.all_zero {
+                cache().recycle(out);
+                None
+            } else {
+                Some(Arc::new(out))
+            })
         }))
         .unwrap_or_else(|_| Err(Error::io("xz: panic while decompressing")));
         crate::debug!("xz: block {i} decompressed: {}", match &result {

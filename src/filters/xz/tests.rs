@@ -274,6 +274,8 @@ fn the_cache_evicts_least_recently_used_blocks_within_its_budget() {
     c.insert((1, 5), Arc::new(vec![5; 1000]));
     assert!(!c.slots.contains_key(&(1, 2)), "then the least recently used");
     assert!(c.lookup((1, 0)).is_none() && c.lookup((1, 4)).is_some() && c.lookup((1, 3)).is_some());
+    // Evicted buffers nobody holds are kept for reuse, by exact size.
+    assert!(c.spare(1000).is_some() && c.spare(999).is_none());
     // A second connection doubles the budget; its close halves it again.
     c.handles = 2;
     for i in 4..7 {
