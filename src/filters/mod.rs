@@ -5,3 +5,4 @@ mod error;
 mod readonly;
 #[cfg(test)]
 pub(crate) mod testutil;
+mod xz;
