@@ -2,6 +2,8 @@
 
 mod delay;
 mod error;
+mod partition;
+mod protect;
 mod readonly;
 #[cfg(test)]
 pub(crate) mod testutil;
