@@ -1,5 +1,6 @@
 //! Built-in filters: one module each, registered with `inventory::submit!`.
 
+mod cow;
 mod delay;
 mod error;
 mod partition;

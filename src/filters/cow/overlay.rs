@@ -1,0 +1,197 @@
+//! The cow overlay of one export: an unlinked temporary file holding the
+//! blocks written so far, a state per block, and striped locks that order
+//! the writes to each block.
+//!
+//! No lock covers the whole overlay on the data path. The block states
+//! are atomics read without locking; a block's state only changes with
+//! its stripe lock held, and only after its data is in the file, so a
+//! reader that sees `ALLOCATED` finds the data. Writers of a block (a
+//! read-modify-write of part of it, a write, zero or trim of all of it,
+//! a copy-on-read) take its stripe lock, so two never interleave.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use crate::error::{Error, Result};
+
+/// Never written: read from the plugin.
+pub(super) const ABSENT: u8 = 0;
+/// In the overlay file.
+pub(super) const ALLOCATED: u8 = 1;
+/// Trimmed: reads as zeroes.
+pub(super) const TRIMMED: u8 = 2;
+
+/// Number of stripe locks (a power of 2).
+const STRIPES: usize = 1024;
+
+/// Most blocks one write of whole blocks locks at once (fewer than
+/// `STRIPES`, so their stripes are distinct).
+pub(super) const MAX_RUN: u64 = 256;
+
+/// One export's overlay.
+pub(super) struct Overlay {
+    file: File,
+    /// Block size, a power of 2.
+    pub bs: u64,
+    /// log2(bs).
+    shift: u32,
+    /// One state per block; the vector only grows (at open).
+    states: RwLock<Vec<AtomicU8>>,
+    stripes: Box<[Mutex<()>]>,
+}
+
+/// The block states, read-locked for one request.
+pub(super) struct States<'a>(RwLockReadGuard<'a, Vec<AtomicU8>>);
+
+impl States<'_> {
+    /// State of block `blk` (`ABSENT` past the end, which cannot happen
+    /// for a range the checking layer let through).
+    pub fn get(&self, blk: u64) -> u8 {
+        self.0.get(blk as usize).map_or(ABSENT, |s| s.load(Ordering::Acquire))
+    }
+    /// Sets the state of block `blk`; the caller holds its stripe lock.
+    pub fn set(&self, blk: u64, st: u8) {
+        if let Some(s) = self.0.get(blk as usize) {
+            s.store(st, Ordering::Release);
+        }
+    }
+    /// End of the run of blocks from `blk` in the same state, at most `last`.
+    pub fn run_end(&self, blk: u64, last: u64) -> u64 {
+        let st = self.get(blk);
+        let mut b = blk + 1;
+        while b <= last && self.get(b) == st {
+            b += 1;
+        }
+        b
+    }
+}
+
+impl Overlay {
+    /// A new empty overlay in `dir`, with `bs`-byte blocks.
+    pub fn new(dir: &Path, bs: u64) -> Result<Overlay> {
+        let file = temp_file(dir)?;
+        Ok(Overlay {
+            file,
+            bs,
+            shift: bs.trailing_zeros(),
+            states: RwLock::new(Vec::new()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// Block number of byte `offset`.
+    pub fn block(&self, offset: u64) -> u64 {
+        offset >> self.shift
+    }
+
+    /// Makes room for a disk of `size` bytes (the file is sized to whole blocks).
+    pub fn ensure_size(&self, size: u64) -> Result<()> {
+        let blocks = size.div_ceil(self.bs);
+        let n = usize::try_from(blocks).map_err(|_| Error::invalid("cow: disk too large"))?;
+        if self.states.read().unwrap_or_else(|e| e.into_inner()).len() >= n {
+            return Ok(());
+        }
+        let mut st = self.states.write().unwrap_or_else(|e| e.into_inner());
+        let have = st.len();
+        if have < n {
+            st.try_reserve_exact(n - have).map_err(|_| Error::new(crate::error::ErrorKind::NoMem, "cow: bitmap: out of memory"))?;
+            st.resize_with(n, || AtomicU8::new(ABSENT));
+            self.file
+                .set_len(blocks * self.bs)
+                .map_err(|e| Error::os("cow: ftruncate: overlay", e))?;
+        }
+        Ok(())
+    }
+
+    /// The states, for one request.
+    pub fn states(&self) -> States<'_> {
+        States(self.states.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Locks block `blk` against other writers.
+    pub fn lock(&self, blk: u64) -> MutexGuard<'_, ()> {
+        self.stripes[blk as usize % STRIPES].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks blocks `blk..blk+n` (n ≤ MAX_RUN), in stripe order so that
+    /// two runs never deadlock.
+    pub fn lock_run(&self, blk: u64, n: u64) -> Vec<MutexGuard<'_, ()>> {
+        debug_assert!(n <= MAX_RUN);
+        let mut idx: Vec<usize> = (blk..blk + n).map(|b| b as usize % STRIPES).collect();
+        idx.sort_unstable();
+        idx.into_iter().map(|i| self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())).collect()
+    }
+
+    /// Reads from the overlay file.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| Error::os(format_args!("cow: pread: overlay: offset={offset}"), e))
+    }
+
+    /// Writes to the overlay file.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| Error::os(format_args!("cow: pwrite: overlay: offset={offset}"), e))
+    }
+
+    /// Makes `[offset, offset+len)` of the file read as zeroes, by punching
+    /// a hole (falling back to writing zeroes).
+    pub fn zero_at(&self, offset: u64, len: u64) -> Result<()> {
+        if punch_hole(&self.file, offset, len).is_ok() {
+            return Ok(());
+        }
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(chunk.len() as u64) as usize;
+            self.write_at(&chunk[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Frees the file space of trimmed blocks (advisory).
+    pub fn discard(&self, offset: u64, len: u64) {
+        let _ = punch_hole(&self.file, offset, len);
+    }
+
+    /// `posix_fadvise(WILLNEED)` on a range of the file (advisory).
+    #[allow(unsafe_code)]
+    pub fn will_need(&self, offset: u64, len: u64) {
+        // SAFETY: a plain syscall on an fd we own.
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
+    }
+}
+
+#[allow(unsafe_code)]
+fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: a plain syscall on an fd we own.
+    let r = unsafe {
+        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
+    };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// `mkstemp("DIR/cowXXXXXX")` then unlink, as nbdkit does: the overlay
+/// disappears with the process.
+#[allow(unsafe_code)]
+fn temp_file(dir: &Path) -> Result<File> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut template = dir.join("cowXXXXXX").as_os_str().as_bytes().to_vec();
+    template.push(0);
+    // SAFETY: `template` is a writable NUL-terminated buffer that mkostemp
+    // fills in place.
+    let fd = unsafe { libc::mkostemp(template.as_mut_ptr().cast(), libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::last_os(format_args!("mkostemp: {}", dir.display())));
+    }
+    // SAFETY: mkostemp returned a fresh fd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: `template` now holds the NUL-terminated name created.
+    if unsafe { libc::unlink(template.as_ptr().cast()) } < 0 {
+        return Err(Error::last_os("cow: unlink: overlay"));
+    }
+    Ok(file)
+}
