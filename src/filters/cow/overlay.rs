@@ -39,13 +39,14 @@ pub(super) struct Overlay {
     pub bs: u64,
     /// log2(bs).
     shift: u32,
-    /// One state per block; the vector only grows (at open).
-    states: RwLock<Vec<AtomicU8>>,
+    /// One state per block; only grows (at open). Zero-allocated, so the
+    /// pages of blocks never written cost no memory.
+    states: RwLock<Box<[AtomicU8]>>,
     stripes: Box<[Mutex<()>]>,
 }
 
 /// The block states, read-locked for one request.
-pub(super) struct States<'a>(RwLockReadGuard<'a, Vec<AtomicU8>>);
+pub(super) struct States<'a>(RwLockReadGuard<'a, Box<[AtomicU8]>>);
 
 impl States<'_> {
     /// State of block `blk` (`ABSENT` past the end, which cannot happen
@@ -78,7 +79,7 @@ impl Overlay {
             file,
             bs,
             shift: bs.trailing_zeros(),
-            states: RwLock::new(Vec::new()),
+            states: RwLock::new(Box::new([])),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
@@ -96,10 +97,12 @@ impl Overlay {
             return Ok(());
         }
         let mut st = self.states.write().unwrap_or_else(|e| e.into_inner());
-        let have = st.len();
-        if have < n {
-            st.try_reserve_exact(n - have).map_err(|_| Error::new(crate::error::ErrorKind::NoMem, "cow: bitmap: out of memory"))?;
-            st.resize_with(n, || AtomicU8::new(ABSENT));
+        if st.len() < n {
+            let new = zeroed_states(n)?;
+            for (a, b) in st.iter().zip(new.iter()) {
+                b.store(a.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            *st = new;
             self.file
                 .set_len(blocks * self.bs)
                 .map_err(|e| Error::os("cow: ftruncate: overlay", e))?;
@@ -162,6 +165,28 @@ impl Overlay {
     pub fn will_need(&self, offset: u64, len: u64) {
         // SAFETY: a plain syscall on an fd we own.
         unsafe { libc::posix_fadvise(self.file.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
+    }
+}
+
+/// `n` states, all `ABSENT` (0), from zeroed memory: the kernel maps
+/// the pages only when a block's state is first set.
+#[allow(unsafe_code)]
+fn zeroed_states(n: usize) -> Result<Box<[AtomicU8]>> {
+    let oom = || Error::new(crate::error::ErrorKind::NoMem, format!("cow: block map of {n} blocks: out of memory"));
+    let layout = std::alloc::Layout::array::<AtomicU8>(n).map_err(|_| oom())?;
+    if n == 0 {
+        return Ok(Box::new([]));
+    }
+    // SAFETY: the layout has a non-zero size; AtomicU8 has the size,
+    // alignment and bit validity of u8, so zeroed memory is `n` valid
+    // AtomicU8 (0 = ABSENT), and the Box takes ownership of exactly the
+    // allocation made with this layout by the global allocator.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<AtomicU8>();
+        if p.is_null() {
+            return Err(oom());
+        }
+        Ok(Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)))
     }
 }
 
