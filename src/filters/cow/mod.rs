@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::extents::{HOLE, ZERO};
-use crate::backend::{BlockSize, Caps, Extents, Filter, FilterEntry, FilterHandle, Flags, Handle, Next, Param, Support};
+use crate::backend::{BlockSize, Caps, Extents, Filter, FilterEntry, Flags, Handle, Next, Param, Support};
 use crate::error::{Error, ErrorKind, Result};
 use crate::util::parse::{parse_bool, parse_size};
 use overlay::{Overlay, States, ABSENT, ALLOCATED, MAX_RUN, TRIMMED};
@@ -324,11 +324,10 @@ impl CowHandle {
     }
 }
 
-impl FilterHandle for CowHandle {
-    fn next(&self) -> &dyn Handle {
-        &*self.next
-    }
-
+/// A `Handle` rather than a `FilterHandle`: besides the calls it changes,
+/// it answers `pread_nowait` (from the overlay's page cache, or the
+/// plugin's own `pread_nowait`), which filters do not forward.
+impl Handle for CowHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
@@ -361,8 +360,53 @@ impl FilterHandle for CowHandle {
         }))
     }
 
+    fn export_description(&self) -> Option<String> {
+        self.next.export_description()
+    }
+
     fn blocks(&self) -> bool {
         true
+    }
+
+    fn brief(&self) -> bool {
+        self.next.brief()
+    }
+
+    fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        if buf.is_empty() || matches!(self.cfg.on_read, OnRead::Always) {
+            return None;
+        }
+        let bs = self.ov.bs;
+        let states = self.ov.states();
+        let end = offset + buf.len() as u64;
+        let last = self.ov.block(end - 1);
+        let mut pos = offset;
+        while pos < end {
+            let blk = self.ov.block(pos);
+            let st = states.get(blk);
+            let run_end = states.run_end(blk, last);
+            let hi = end.min(run_end * bs);
+            let out = &mut buf[(pos - offset) as usize..(hi - offset) as usize];
+            match st {
+                ALLOCATED => {
+                    if !self.ov.read_nowait(out, pos) {
+                        return None;
+                    }
+                }
+                TRIMMED => out.fill(0),
+                _ => {
+                    if self.copy_on_read() {
+                        return None;
+                    }
+                    match self.next.pread_nowait(out, pos)? {
+                        Ok(()) => {}
+                        Err(_) => return None, // pread reports it
+                    }
+                }
+            }
+            pos = hi;
+        }
+        Some(Ok(()))
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {

@@ -259,3 +259,18 @@ proptest! {
         prop_assert_eq!(&next.state.lock().unwrap().data, &pattern(size));
     }
 }
+
+#[test]
+fn reads_without_waiting_come_from_the_page_cache() {
+    let next = plugin(4 * 4096);
+    let h = cow(&[("cow-block-size", "4096")]).open(&next, false, "", false).unwrap();
+    h.pwrite(&[3; 8192], 0, Flags::NONE).unwrap();
+    h.trim(4096, 2 * 4096, Flags::NONE).unwrap();
+    let mut b = vec![0xee; 3 * 4096];
+    // Written (the overlay is in the page cache) and trimmed blocks.
+    assert!(h.pread_nowait(&mut b, 0).unwrap().is_ok());
+    assert_eq!(&b[..8192], &[3; 8192][..]);
+    assert_eq!(&b[8192..], &[0; 4096][..]);
+    // The in-memory plugin cannot read without waiting: the caller reads.
+    assert!(h.pread_nowait(&mut b[..10], 3 * 4096).is_none());
+}
