@@ -250,7 +250,7 @@ fn entry(d: &mut [u8], base: usize, i: usize, typ: u8, start: u32, count: u32) {
 
 /// Turns the disk into a GPT with the given header fields and an entry 7
 /// from `first` to `last`.
-fn gpt(d: &mut Vec<u8>, nr: u32, esize: u32, first: u64, last: u64) {
+fn gpt(d: &mut [u8], nr: u32, esize: u32, first: u64, last: u64) {
     d[512..520].copy_from_slice(b"EFI PART");
     d[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
     d[512 + 80..512 + 84].copy_from_slice(&nr.to_le_bytes());

@@ -237,24 +237,6 @@ fn zeroed_states(n: usize) -> Result<Box<[AtomicU8]>> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_lock_each_stripe_once_and_spread_out() {
-        let ov = Overlay::new(&std::env::temp_dir(), 4096).unwrap();
-        // Overlapping stripes within a run would deadlock here.
-        for start in [0u64, 15, 16, 1000, 4096, u64::MAX / 2] {
-            drop(ov.lock_run(start, MAX_RUN));
-        }
-        assert_eq!(stripe(0), stripe(15));
-        // Groups a power of two apart land on different stripes.
-        let s: std::collections::HashSet<usize> = (0..4u64).map(|q| stripe(q << 14)).collect();
-        assert_eq!(s.len(), 4);
-    }
-}
-
 #[allow(unsafe_code)]
 fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: a plain syscall on an fd we own.
@@ -284,4 +266,22 @@ fn temp_file(dir: &Path) -> Result<File> {
         return Err(Error::last_os("cow: unlink: overlay"));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_lock_each_stripe_once_and_spread_out() {
+        let ov = Overlay::new(&std::env::temp_dir(), 4096).unwrap();
+        // Overlapping stripes within a run would deadlock here.
+        for start in [0u64, 15, 16, 1000, 4096, u64::MAX / 2] {
+            drop(ov.lock_run(start, MAX_RUN));
+        }
+        assert_eq!(stripe(0), stripe(15));
+        // Groups a power of two apart land on different stripes.
+        let s: std::collections::HashSet<usize> = (0..4u64).map(|q| stripe(q << 14)).collect();
+        assert_eq!(s.len(), 4);
+    }
 }

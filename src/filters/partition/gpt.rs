@@ -48,7 +48,7 @@ pub(super) fn find(read: &mut ReadAt<'_>, size: u64, ss: u64, lba1: &[u8], partn
         return Err(Error::invalid("GPT partition number out of range"));
     }
     let esize = u64::from(h.entry_size);
-    if esize < 128 || esize > ss || ss % esize != 0 {
+    if esize < 128 || esize > ss || !ss.is_multiple_of(esize) {
         return Err(Error::invalid(format!("GPT partition entry size is invalid ({} bytes)", h.entry_size)));
     }
     // The table (and its backup) must fit: otherwise the header is bogus.

@@ -66,7 +66,7 @@ pub(super) fn find(read: &mut ReadAt<'_>, size: u64, ss: u64, mbr: &[u8], partnu
     // and we stop at the partition asked for.
     let mut i = 5;
     loop {
-        if ebr % ss != 0 || ebr < ss || ebr >= size.saturating_sub(ss) {
+        if !ebr.is_multiple_of(ss) || ebr < ss || ebr >= size.saturating_sub(ss) {
             return Err(Error::invalid("invalid EBR chain: next EBR boot sector is located outside disk boundary"));
         }
         crate::debug!("partition: reading EBR at {ebr}");
