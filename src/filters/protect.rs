@@ -12,7 +12,7 @@
 //! `protect=0-1023 protect=256-511` leaves 512–1023 unprotected there
 //! (README, "Known differences").
 
-use crate::backend::{Filter, FilterEntry, FilterHandle, Flags, Handle, Next, Param};
+use crate::backend::{BlockSize, Caps, Extents, Filter, FilterEntry, Flags, Handle, Next, Param};
 use crate::error::{Error, ErrorKind, Result};
 use crate::util::log;
 use crate::util::parse::parse_unsigned;
@@ -111,6 +111,16 @@ struct ProtectHandle {
 }
 
 impl ProtectHandle {
+    /// True if `[offset, offset+count)` overlaps a protected range.
+    fn touches_protected(&self, count: u64, offset: u64) -> bool {
+        if count == 0 {
+            return false;
+        }
+        let end = offset.saturating_add(count - 1);
+        let first = self.ranges.partition_point(|r| r.end < offset);
+        self.ranges.get(first).is_some_and(|r| r.start <= end)
+    }
+
     /// Fails with EPERM if writing `data` (None: zeroes) over
     /// `[offset, offset+count)` would change a protected byte.
     fn check(&self, count: u64, offset: u64, data: Option<&[u8]>) -> Result<()> {
@@ -152,13 +162,52 @@ impl ProtectHandle {
     }
 }
 
-impl FilterHandle for ProtectHandle {
-    fn next(&self) -> &dyn Handle {
-        &*self.next
+/// Reads, flush, extents and cache pass through untouched. A `Handle`
+/// rather than a `FilterHandle`, as reads are not changed: the plugin's
+/// zero-copy and no-wait reads are passed down, and so is its zero-copy
+/// write when the write touches no protected range (otherwise the server
+/// falls back to `pwrite`, which checks the bytes).
+impl Handle for ProtectHandle {
+    fn size(&self) -> Result<u64> {
+        self.next.size()
+    }
+    fn caps(&self) -> Result<Caps> {
+        self.next.caps()
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        self.next.block_size()
+    }
+    fn export_description(&self) -> Option<String> {
+        self.next.export_description()
+    }
+    fn blocks(&self) -> bool {
+        self.next.blocks()
+    }
+    fn brief(&self) -> bool {
+        self.next.brief()
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        self.next.pread(buf, offset, flags)
+    }
+    fn pread_lend(&self, count: usize, offset: u64, sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
+        self.next.pread_lend(count, offset, sink)
+    }
+    fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        self.next.pread_nowait(buf, offset)
+    }
+    fn pwrite_fill(&self, count: usize, offset: u64, flags: Flags,
+                   fill: &mut dyn FnMut(&mut [&mut [u8]]) -> bool) -> Option<Result<()>> {
+        if self.touches_protected(count as u64, offset) {
+            return None;
+        }
+        self.next.pwrite_fill(count, offset, flags, fill)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         self.check(buf.len() as u64, offset, Some(buf))?;
         self.next.pwrite(buf, offset, flags)
+    }
+    fn flush(&self, flags: Flags) -> Result<()> {
+        self.next.flush(flags)
     }
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.check(count, offset, None)?;
@@ -167,6 +216,12 @@ impl FilterHandle for ProtectHandle {
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.check(count, offset, None)?;
         self.next.zero(count, offset, flags)
+    }
+    fn extents(&self, count: u64, offset: u64, flags: Flags, ext: &mut Extents) -> Result<()> {
+        self.next.extents(count, offset, flags, ext)
+    }
+    fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        self.next.cache(count, offset, flags)
     }
 }
 
@@ -255,6 +310,21 @@ mod tests {
         assert_eq!(h.zero(512, 0, Flags::NONE).unwrap_err().kind(), ErrorKind::Perm);
         assert_eq!(h.trim(1, 104, Flags::NONE).unwrap_err().kind(), ErrorKind::Perm);
         assert_eq!(&next.state.lock().unwrap().data[100..105], b"hello");
+    }
+
+    #[test]
+    fn zero_copy_writes_only_away_from_protected_ranges() {
+        let next = MemNext::new(8192);
+        let h = handle(&["1000-1999"], &next);
+        let mut fill = |_: &mut [&mut [u8]]| true;
+        // The in-memory disk has no zero-copy write: None either way, but
+        // a write near a range must not even ask it.
+        assert!(h.pwrite_fill(10, 995, Flags::NONE, &mut fill).is_none());
+        assert!(h.pwrite_fill(10, 0, Flags::NONE, &mut fill).is_none());
+        let f = Protect { ranges: merge(parse_range("1000-1999").unwrap()) };
+        let ph = ProtectHandle { next: next.open(false, "", false).unwrap(), ranges: f.ranges.clone().into() };
+        assert!(ph.touches_protected(10, 995) && ph.touches_protected(1, 1999) && ph.touches_protected(5000, 0));
+        assert!(!ph.touches_protected(1000, 0) && !ph.touches_protected(10, 2000) && !ph.touches_protected(0, 5));
     }
 
     proptest! {

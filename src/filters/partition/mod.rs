@@ -16,7 +16,7 @@ mod mbr;
 
 use std::sync::OnceLock;
 
-use crate::backend::{Extents, Filter, FilterEntry, FilterHandle, Flags, Handle, Next, Param};
+use crate::backend::{BlockSize, Caps, Extents, Filter, FilterEntry, Flags, Handle, Next, Param};
 use crate::error::{Error, Result};
 use crate::util::parse::{parse_int, parse_size};
 
@@ -124,23 +124,49 @@ struct PartitionHandle {
 }
 
 /// Every data call moves by the partition's offset; the checking layer
-/// above has already bounded the range by the partition's size.
-impl FilterHandle for PartitionHandle {
-    fn next(&self) -> &dyn Handle {
-        &*self.next
-    }
+/// above has already bounded the range by the partition's size. A
+/// `Handle` rather than a `FilterHandle`, as the data is not changed: the
+/// zero-copy and no-wait calls of the plugin (`pread_lend`,
+/// `pread_nowait`, `pwrite_fill`) are passed down too, so a partition
+/// costs what the plugin alone does.
+impl Handle for PartitionHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.loc.range)
+    }
+    fn caps(&self) -> Result<Caps> {
+        self.next.caps()
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        self.next.block_size()
     }
     fn export_description(&self) -> Option<String> {
         let base = self.next.export_description()?;
         Some(format!("partition {} of {} disk: {base}", self.partnum, self.loc.typ))
     }
+    fn blocks(&self) -> bool {
+        self.next.blocks()
+    }
+    fn brief(&self) -> bool {
+        self.next.brief()
+    }
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         self.next.pread(buf, offset + self.loc.offset, flags)
     }
+    fn pread_lend(&self, count: usize, offset: u64, sink: &mut dyn FnMut(&[&[u8]])) -> Option<Result<()>> {
+        self.next.pread_lend(count, offset + self.loc.offset, sink)
+    }
+    fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        self.next.pread_nowait(buf, offset + self.loc.offset)
+    }
+    fn pwrite_fill(&self, count: usize, offset: u64, flags: Flags,
+                   fill: &mut dyn FnMut(&mut [&mut [u8]]) -> bool) -> Option<Result<()>> {
+        self.next.pwrite_fill(count, offset + self.loc.offset, flags, fill)
+    }
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         self.next.pwrite(buf, offset + self.loc.offset, flags)
+    }
+    fn flush(&self, flags: Flags) -> Result<()> {
+        self.next.flush(flags)
     }
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.next.trim(count, offset + self.loc.offset, flags)

@@ -272,3 +272,45 @@ proptest! {
         }
     }
 }
+
+/// A layer below that describes its export.
+struct Described(MemNext);
+
+struct DescribedHandle(Box<dyn Handle>);
+
+impl crate::backend::FilterHandle for DescribedHandle {
+    fn next(&self) -> &dyn Handle {
+        &*self.0
+    }
+    fn export_description(&self) -> Option<String> {
+        Some("the base".into())
+    }
+}
+
+impl Next for Described {
+    fn preconnect(&self, readonly: bool) -> Result<()> {
+        self.0.preconnect(readonly)
+    }
+    fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<crate::backend::Export>> {
+        self.0.list_exports(readonly, is_tls)
+    }
+    fn default_export(&self, readonly: bool, is_tls: bool) -> Option<String> {
+        self.0.default_export(readonly, is_tls)
+    }
+    fn open(&self, readonly: bool, export: &str, is_tls: bool) -> Result<Box<dyn Handle>> {
+        Ok(Box::new(DescribedHandle(self.0.open(readonly, export, is_tls)?)))
+    }
+}
+
+#[test]
+fn export_descriptions_name_the_partition() {
+    let next = MemNext::new(0);
+    next.state.lock().unwrap().data = mbr_disk(512);
+    let next = Described(next);
+    let h = filter(6).open(&next, false, "", false).unwrap();
+    assert_eq!(h.export_description().as_deref(), Some("partition 6 of MBR disk: the base"));
+    let next = MemNext::new(0);
+    next.state.lock().unwrap().data = gpt_disk(512);
+    let h = filter(3).open(&Described(next), false, "", false).unwrap();
+    assert_eq!(h.export_description().as_deref(), Some("partition 3 of GPT disk: the base"));
+}
