@@ -15,8 +15,9 @@
 //! Unlike nbdkit, which takes one global lock around every
 //! read-modify-write, the blocks are locked by stripes (`overlay.rs`) and
 //! reads take no lock at all, so requests on different blocks run in
-//! parallel; and a zero of whole blocks punches a hole in the overlay
-//! instead of writing zeroes. Also unlike nbdkit 1.32 (which inherits
+//! parallel; a zero of whole blocks is a `FALLOC_FL_ZERO_RANGE` on the
+//! overlay instead of written zeroes; and warm reads are answered
+//! without waiting (`pread_nowait`). Also unlike nbdkit 1.32 (which inherits
 //! `can_zero` from the plugin it opened read-only, so it never zeroes),
 //! write zeroes is advertised and done here, as the filter's own `zero`
 //! intends.
