@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::backend::{Caps, Export, Extents, Flags, Handle, Next, Support};
+use crate::backend::{BlockSize, Caps, Export, Extents, Flags, Handle, Next, Support};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Everything the in-memory disk can do.
@@ -38,6 +38,8 @@ pub(crate) struct MemNext {
     pub state: Arc<Mutex<State>>,
     /// What `caps` returns.
     pub caps: Caps,
+    /// What `block_size` returns.
+    pub block_size: Option<BlockSize>,
 }
 
 impl MemNext {
@@ -48,7 +50,7 @@ impl MemNext {
     /// A zeroed disk of `size` bytes with the given capabilities.
     pub fn with_caps(size: usize, caps: Caps) -> MemNext {
         let state = State { data: vec![0; size], ..State::default() };
-        MemNext { state: Arc::new(Mutex::new(state)), caps }
+        MemNext { state: Arc::new(Mutex::new(state)), caps, block_size: None }
     }
     /// The calls that reached the disk so far.
     pub fn calls(&self) -> Vec<&'static str> {
@@ -72,7 +74,7 @@ impl Next for MemNext {
     }
     fn open(&self, readonly: bool, _export: &str, _is_tls: bool) -> Result<Box<dyn Handle>> {
         self.state.lock().unwrap().opened_readonly.push(readonly);
-        Ok(Box::new(MemHandle { state: self.state.clone(), caps: self.caps }))
+        Ok(Box::new(MemHandle { state: self.state.clone(), caps: self.caps, block_size: self.block_size }))
     }
 }
 
@@ -80,6 +82,7 @@ impl Next for MemNext {
 pub(crate) struct MemHandle {
     state: Arc<Mutex<State>>,
     caps: Caps,
+    block_size: Option<BlockSize>,
 }
 
 impl MemHandle {
@@ -99,6 +102,9 @@ impl Handle for MemHandle {
     }
     fn caps(&self) -> Result<Caps> {
         Ok(self.caps)
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        Ok(self.block_size)
     }
     fn blocks(&self) -> bool {
         false
