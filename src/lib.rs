@@ -14,6 +14,7 @@ pub mod cli;
 pub mod error;
 pub mod filters;
 pub mod fuzzing;
+pub mod man;
 pub mod plugins;
 pub mod proto;
 pub mod server;
@@ -21,6 +22,10 @@ pub mod util;
 
 /// The whole program: command line, then serving. Returns the exit code.
 pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    let args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    if let Some(code) = man::from_args(&args) {
+        return code;
+    }
     match cli::parse(args) {
         cli::Action::Exit(code) => code,
         cli::Action::Serve(cfg) => server::run(*cfg),

@@ -75,7 +75,7 @@ fn no_plugin(help: bool, version: bool, dump_plugin: bool, out: &mut dyn Write) 
         let _ = probe::usage(out);
         Ok(Action::Exit(0))
     } else if version {
-        let _ = probe::version(out);
+        let _ = probe::version_details(out);
         Ok(Action::Exit(0))
     } else if dump_plugin {
         Err(Stop::Fail(

@@ -90,6 +90,27 @@ pub(super) fn version(out: &mut dyn Write) -> io::Result<()> {
     writeln!(out, "nbdkit {VERSION}")
 }
 
+/// `-V` alone: nbdkit's version line, then what is built in (one
+/// `key: values` line each; `--dump-config` stays the parsable form).
+pub(super) fn version_details(out: &mut dyn Write) -> io::Result<()> {
+    version(out)?;
+    let plugins: Vec<&str> = crate::backend::registry::plugins().keys().copied().collect();
+    let filters: Vec<&str> = crate::backend::registry::filters().keys().copied().collect();
+    writeln!(out, "plugins: {}", plugins.join(" "))?;
+    writeln!(out, "filters: {}", filters.join(" "))?;
+    let tls = config_keys().into_iter().any(|(k, v)| k == "tls" && v == "yes");
+    let lib = crate::man::TLS_LIBRARY;
+    match (tls, lib) {
+        (true, _) => writeln!(out, "tls: {lib}")?,
+        (false, "none") => writeln!(out, "tls: none")?,
+        (false, _) => writeln!(out, "tls: none ({lib} linked for clients only)")?,
+    }
+    let mut features = vec![crate::man::BUILD_TARGET, crate::man::BUILD_PROFILE];
+    features.push(if cfg!(target_feature = "crt-static") { "static" } else { "dynamic" });
+    features.extend(["socket-activation", "exit-with-parent", "vsock", "manuals"]);
+    writeln!(out, "features: {}", features.join(" "))
+}
+
 /// `-V` with a plugin: the version line, then `NAME VERSION` for each
 /// backend from the outermost filter to the plugin. Built-in plugins and
 /// filters carry the server's version, as nbdkit's in-tree ones do.
