@@ -4,3 +4,4 @@ pub(crate) mod allocator;
 mod file;
 mod memory;
 mod null;
+mod ssh;
