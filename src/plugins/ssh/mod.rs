@@ -203,6 +203,7 @@ impl Plugin for SshPlugin {
             parse_port(p)?;
         }
         self.log_level = crate::util::log::debug_flag("ssh", "log");
+        crate::util::log::set_ssh_log(self.log_level);
         Ok(())
     }
 
@@ -265,7 +266,8 @@ impl SshPlugin {
                         Error::invalid(format!("failed to parse SSH configuration: {}: {m}", f.display()))
                     })?;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.config.is_none() => {}
+                // libssh ignores a config file that does not exist.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     return Err(Error::invalid(format!(
                         "failed to parse SSH configuration: {}: {}",
@@ -351,7 +353,7 @@ impl russh::client::Handler for Client {
                 Err(e) => Some(Err(format!("{}: {}", p.display(), strip_os_suffix(&e)))),
             })
             .collect();
-        let name = known_hosts::lookup_name(&self.settings.host, self.settings.port);
+        let name = known_hosts::lookup_name(&self.settings.hostname, self.settings.port);
         let blob = key.to_bytes().unwrap_or_default();
         let v = known_hosts::verdict(&files, &name, key.algorithm().as_str(), &blob);
         crate::debug!("ssh: known_hosts verdict for {name}: {v:?}");
@@ -385,7 +387,11 @@ fn verdict_message(v: &KnownState) -> String {
 async fn connect(s: Settings, log_level: i64) -> Result<Conn> {
     let connect_err = |m: String| Error::io(format!("failed to connect to remote host: {}: {m}", s.hostname));
     let tcp = async {
-        let addrs = tokio::net::lookup_host((s.hostname.as_str(), s.port)).await?;
+        let addrs = tokio::net::lookup_host((s.hostname.as_str(), s.port)).await.map_err(|e| {
+            let m = strip_os_suffix(&e);
+            let m = m.strip_prefix("failed to lookup address information: ").unwrap_or(&m);
+            std::io::Error::other(format!("Failed to resolve hostname {} ({m})", s.hostname))
+        })?;
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address for host");
         for a in addrs {
             match tokio::net::TcpStream::connect(a).await {
