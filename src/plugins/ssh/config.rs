@@ -141,16 +141,8 @@ pub fn apply(cfg: &mut HostConfig, text: &str, host: &str, dir: &Path, depth: u3
             "globalknownhostsfile" => {
                 cfg.global_known_hosts.get_or_insert(v);
             }
-            "compression" => {
-                if cfg.compression.is_none() {
-                    cfg.compression = yes_no(&v);
-                }
-            }
-            "connecttimeout" => {
-                if cfg.connect_timeout.is_none() {
-                    cfg.connect_timeout = v.parse().ok();
-                }
-            }
+            "compression" if cfg.compression.is_none() => cfg.compression = yes_no(&v),
+            "connecttimeout" if cfg.connect_timeout.is_none() => cfg.connect_timeout = v.parse().ok(),
             _ => {} // Keywords libssh or this plugin do not use.
         }
     }

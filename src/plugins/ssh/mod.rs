@@ -64,7 +64,7 @@ struct SshPlugin {
     /// -D ssh.log=N.
     log_level: i64,
     /// Set once the first connection created the file (create=true).
-    created: Arc<Mutex<bool>>,
+    created: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl SshPlugin {
@@ -224,9 +224,8 @@ impl Plugin for SshPlugin {
 /// Everything a connection needs, with the config files applied.
 #[derive(Clone, Debug)]
 struct Settings {
-    /// The name given (known_hosts entries are looked up by it).
-    host: String,
-    /// Where to connect (`HostName` of the config, else `host`).
+    /// Where to connect (`HostName` of the config, else `host=`); known_hosts
+    /// entries are looked up by this name too, as libssh does.
     hostname: String,
     port: u16,
     user: String,
@@ -307,7 +306,6 @@ impl SshPlugin {
         };
         let timeout = self.timeout.or(hc.connect_timeout).filter(|&t| t > 0).map(|t| Duration::from_secs(t.into()));
         Ok(Settings {
-            host,
             hostname,
             port,
             user,
@@ -472,7 +470,7 @@ async fn connect(s: Settings, log_level: i64) -> Result<Conn> {
 async fn open_file(sftp: &Sftp, p: &SshPlugin, readonly: bool) -> Result<Vec<u8>> {
     let path = p.path.as_deref().unwrap_or("");
     let rw = if readonly { "reading" } else { "writing" };
-    let mut created = p.created.lock().unwrap_or_else(|e| e.into_inner());
+    let mut created = p.created.lock().await;
     if p.create && !*created {
         let flags = sftp::FXF_READ | sftp::FXF_WRITE | sftp::FXF_CREAT | sftp::FXF_TRUNC;
         let attrs = Attrs { size: None, permissions: Some(p.create_mode) };

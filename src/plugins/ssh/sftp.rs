@@ -284,7 +284,7 @@ pub enum Reply {
     Handle { id: u32, handle: Vec<u8> },
     Data { id: u32, data: Vec<u8> },
     Attrs { id: u32, attrs: Attrs },
-    ExtendedReply { id: u32 },
+    Extended { id: u32 },
 }
 
 impl Reply {
@@ -313,7 +313,7 @@ impl Reply {
             FXP_HANDLE => Reply::Handle { id, handle: r.string()?.to_vec() },
             FXP_DATA => Reply::Data { id, data: r.string()?.to_vec() },
             FXP_ATTRS => Reply::Attrs { id, attrs: Attrs::decode(&mut r)? },
-            FXP_EXTENDED_REPLY => Reply::ExtendedReply { id },
+            FXP_EXTENDED_REPLY => Reply::Extended { id },
             _ => return None,
         })
     }
@@ -326,7 +326,7 @@ impl Reply {
             | Reply::Handle { id, .. }
             | Reply::Data { id, .. }
             | Reply::Attrs { id, .. }
-            | Reply::ExtendedReply { id } => Some(id),
+            | Reply::Extended { id } => Some(id),
         }
     }
 }
