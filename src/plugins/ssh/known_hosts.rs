@@ -16,7 +16,7 @@ pub enum KnownState {
     Other,
     /// No entry for this host.
     Unknown,
-    /// No known_hosts file exists.
+    /// No known_hosts file was named at all (libssh cannot find one).
     NotFound,
     /// A file could not be read, or this key is revoked.
     Error(String),
@@ -145,7 +145,9 @@ fn base_type(t: &str) -> &str {
 /// `name` (from [`lookup_name`]), over the given files' contents (`None`
 /// for a file that does not exist).
 pub fn verdict(files: &[Option<Result<String, String>>], name: &str, keytype: &str, blob: &[u8]) -> KnownState {
-    if files.iter().all(|f| f.is_none()) {
+    // libssh (0.10, Debian's nbdkit): a file that does not exist holds no
+    // entry, so a host is "unknown" even when neither file exists.
+    if files.is_empty() {
         return KnownState::NotFound;
     }
     let mut entries = Vec::new();
@@ -218,7 +220,8 @@ mod tests {
         assert_eq!(verdict(&file(format!("{h} {t} {K1}\n")), "[127.0.0.1]:2223", t, &b1), KnownState::Unknown);
         assert_eq!(verdict(&file(format!("@revoked * {t} {K1}\n[127.0.0.1]:2222 {t} {K1}\n")), &name, t, &b1),
                    KnownState::Error("the server's host key is marked as revoked".into()));
-        assert_eq!(verdict(&[None, None], &name, t, &b1), KnownState::NotFound);
+        assert_eq!(verdict(&[None, None], &name, t, &b1), KnownState::Unknown);
+        assert_eq!(verdict(&[], &name, t, &b1), KnownState::NotFound);
         assert_eq!(verdict(&[None, Some(Ok(String::new()))], &name, t, &b1), KnownState::Unknown);
         // Garbage lines are skipped.
         assert_eq!(verdict(&file(format!("junk\n* {t} !!!\n* {t} {K1}\n")), &name, t, &b1), KnownState::Ok);

@@ -537,6 +537,9 @@ impl Handle for SshHandle {
             fua: if self.flush { Support::Emulate } else { Support::None },
             multi_conn: self.flush,
             zero: Support::Emulate,
+            // nbdkit advertises fast zero for plugins without .zero: the
+            // emulation fails at once.
+            fast_zero: true,
             ..Caps::default()
         })
     }
