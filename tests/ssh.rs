@@ -592,3 +592,32 @@ fn bad_parameters() {
     assert!(err.contains("missing.img: cannot open file for writing: SFTP server: No such file"), "{err}");
     let _ = run_in(&sshd.dir.0, "true", &[]);
 }
+
+#[test]
+fn nbdinfo_json_matches_debian_nbdkit() {
+    require!("/usr/bin/nbdkit", "--version");
+    let sshd = Sshd::start();
+    sshd.make_file("j.img", 3 << 20);
+    let args = sshd.args("j.img");
+    let json = |bin: &Path, ro: bool| -> String {
+        let mut cmd = Command::new(bin);
+        cmd.arg("-U").arg("-");
+        if ro {
+            cmd.arg("-r");
+        }
+        let o = cmd
+            .args(&args)
+            .args(["--run", "nbdinfo --json \"$uri\""])
+            .env("HOME", sshd.path("home"))
+            .env("PATH", path_env())
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{bin:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.contains("\"uri\"")).collect::<Vec<_>>().join("\n")
+    };
+    for ro in [false, true] {
+        assert_eq!(json(&nbdkit_bin(), ro), json(Path::new("/usr/bin/nbdkit"), ro), "readonly={ro}");
+    }
+}
