@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::oneshot;
@@ -282,7 +283,7 @@ pub enum Reply {
     Version { version: u32, extensions: Vec<(String, String)> },
     Status { id: u32, code: u32, msg: String },
     Handle { id: u32, handle: Vec<u8> },
-    Data { id: u32, data: Vec<u8> },
+    Data { id: u32, data: Bytes },
     Attrs { id: u32, attrs: Attrs },
     Extended { id: u32 },
 }
@@ -311,11 +312,24 @@ impl Reply {
                 Reply::Status { id, code, msg }
             }
             FXP_HANDLE => Reply::Handle { id, handle: r.string()?.to_vec() },
-            FXP_DATA => Reply::Data { id, data: r.string()?.to_vec() },
+            FXP_DATA => Reply::Data { id, data: Bytes::copy_from_slice(r.string()?) },
             FXP_ATTRS => Reply::Attrs { id, attrs: Attrs::decode(&mut r)? },
             FXP_EXTENDED_REPLY => Reply::Extended { id },
             _ => return None,
         })
+    }
+
+    /// Like [`Reply::decode`], but DATA keeps its payload in `body`'s buffer.
+    pub fn decode_bytes(body: Bytes) -> Option<Reply> {
+        if body.len() >= 9 && body[0] == FXP_DATA {
+            let id = u32::from_be_bytes(body[1..5].try_into().ok()?);
+            let n = u32::from_be_bytes(body[5..9].try_into().ok()?) as usize;
+            if 9 + n > body.len() {
+                return None;
+            }
+            return Some(Reply::Data { id, data: body.slice(9..9 + n) });
+        }
+        Reply::decode(&body)
     }
 
     /// The request id (`None` for VERSION).
@@ -334,7 +348,7 @@ impl Reply {
 /// Cuts a byte stream into SFTP messages.
 #[derive(Default)]
 pub struct Framer {
-    buf: Vec<u8>,
+    buf: BytesMut,
 }
 
 impl Framer {
@@ -345,7 +359,7 @@ impl Framer {
 
     /// The next whole message body, `Ok(None)` if more bytes are needed,
     /// an error if the length is out of bounds.
-    pub fn next(&mut self) -> Result<Option<Vec<u8>>, SftpError> {
+    pub fn next(&mut self) -> Result<Option<Bytes>, SftpError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
@@ -356,9 +370,9 @@ impl Framer {
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        let body = self.buf[4..4 + len].to_vec();
-        self.buf.drain(..4 + len);
-        Ok(Some(body))
+        let mut body = self.buf.split_to(4 + len);
+        body.advance(4);
+        Ok(Some(body.freeze()))
     }
 }
 
@@ -596,7 +610,7 @@ async fn read_loop(mut reader: ChannelReadHalf, mut framer: Framer, waiters: &Mu
                 Ok(None) => break,
                 Err(e) => return e.to_string(),
             };
-            let Some(reply) = Reply::decode(&body) else {
+            let Some(reply) = Reply::decode_bytes(body) else {
                 return "malformed SFTP message from the server".into();
             };
             let Some(id) = reply.id() else { return "unexpected SFTP version message".into() };
@@ -672,6 +686,9 @@ mod tests {
         put_str(&mut v, b"b");
         assert_eq!(Reply::decode(&v),
                    Some(Reply::Attrs { id: 3, attrs: Attrs { size: Some(12345), permissions: Some(0o100644) } }));
+        assert_eq!(Reply::decode_bytes(Bytes::from_static(&[FXP_DATA, 0, 0, 0, 1, 0, 0, 0, 2, 7, 8])),
+                   Some(Reply::Data { id: 1, data: Bytes::from_static(&[7, 8]) }));
+        assert_eq!(Reply::decode_bytes(Bytes::from_static(&[FXP_DATA, 0, 0, 0, 1, 0, 0, 0, 3, 7, 8])), None);
         // Truncated messages and unknown types are refused, not a panic.
         assert_eq!(Reply::decode(&[FXP_DATA, 0, 0, 0, 1, 0, 0, 1, 0, 1]), None);
         assert_eq!(Reply::decode(&[77, 0, 0, 0, 1]), None);
@@ -701,6 +718,7 @@ mod tests {
         #[test]
         fn decode_never_panics(v in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
             let _ = Reply::decode(&v);
+            let _ = Reply::decode_bytes(Bytes::from(v.clone()));
             let mut f = Framer::default();
             f.push(&v);
             while let Ok(Some(b)) = f.next() { let _ = Reply::decode(&b); }
