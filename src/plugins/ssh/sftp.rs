@@ -52,7 +52,7 @@ pub const FX_EOF: u32 = 1;
 pub const MAX_PACKET: usize = 256 * 1024 + 1024;
 /// Bytes per READ or WRITE request: well under OpenSSH's 255 KiB read limit
 /// and 256 KiB message limit.
-pub const CHUNK: usize = 64 * 1024;
+pub const CHUNK: usize = 128 * 1024;
 /// Requests in flight per call.
 pub const MAX_IN_FLIGHT: usize = 32;
 
