@@ -635,7 +635,7 @@ async fn read_loop(mut reader: ChannelReadHalf, mut framer: Framer, waiters: &Mu
 mod tests {
     use super::*;
 
-    fn body(v: Vec<u8>) -> Vec<u8> {
+    fn body(v: Vec<u8>) -> Bytes {
         let mut f = Framer::default();
         f.push(&v);
         f.next().unwrap().unwrap()
