@@ -8,3 +8,4 @@ mod memory;
 mod null;
 mod sh;
 mod curl;
+mod ssh;

@@ -253,18 +253,38 @@ pub fn set_tls_log(level: i64) {
     rebuild();
 }
 
-fn lib_max(target: &str) -> Level {
+/// `-D ssh.log=N` (libssh's verbosity, 0–4) for russh's records, which
+/// are shown with `-v` only from 1 on: 1 warnings, 2 info ("protocol"),
+/// 3 debug ("packet"), 4 trace ("functions").
+static SSH_LOG: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the ssh plugin's `-D ssh.log=N`.
+pub fn set_ssh_log(level: i64) {
+    SSH_LOG.store(level.clamp(0, 4) as u8, Ordering::Relaxed);
+    rebuild();
+}
+
+fn lib_max(target: &str) -> Option<Level> {
+    if target.starts_with("russh") {
+        return match SSH_LOG.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(Level::WARN),
+            2 => Some(Level::INFO),
+            3 => Some(Level::DEBUG),
+            _ => Some(Level::TRACE),
+        };
+    }
     if LIB_TRACE_TLS.load(Ordering::Relaxed) && target.starts_with("rustls") {
-        Level::TRACE
+        Some(Level::TRACE)
     } else {
-        Level::DEBUG
+        Some(Level::DEBUG)
     }
 }
 
 fn max_level() -> LevelFilter {
     if !verbose() {
         LevelFilter::ERROR
-    } else if LIB_TRACE_TLS.load(Ordering::Relaxed) {
+    } else if LIB_TRACE_TLS.load(Ordering::Relaxed) || SSH_LOG.load(Ordering::Relaxed) >= 4 {
         LevelFilter::TRACE
     } else {
         LevelFilter::DEBUG
@@ -317,7 +337,7 @@ impl Subscriber for Lines {
             return false;
         }
         // The `log` bridge's events were filtered by the bridge.
-        meta.target() == TARGET || (verbose() && (meta.target() == "log" || *meta.level() <= lib_max(meta.target())))
+        meta.target() == TARGET || (verbose() && (meta.target() == "log" || lib_max(meta.target()).is_some_and(|m| *meta.level() <= m)))
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
@@ -438,7 +458,7 @@ struct LogBridge;
 
 impl log::Log for LogBridge {
     fn enabled(&self, meta: &log::Metadata<'_>) -> bool {
-        verbose() && to_level(meta.level()) <= lib_max(meta.target())
+        verbose() && lib_max(meta.target()).is_some_and(|m| to_level(meta.level()) <= m)
     }
 
     fn log(&self, r: &log::Record<'_>) {
