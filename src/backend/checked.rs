@@ -201,6 +201,16 @@ impl Handle for Checked {
         r
     }
 
+    fn pread_fd(&self, count: usize, offset: u64, cached_only: bool) -> Option<(std::os::fd::RawFd, u64)> {
+        // Out of range: the usual path reports it.
+        self.range(count as u64, offset, ErrorKind::Invalid).ok()?;
+        let r = self.inner.pread_fd(count, offset, cached_only);
+        if r.is_some() {
+            trace!(self, "pread count={} offset={}", count, offset);
+        }
+        r
+    }
+
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         trace!(self, "pwrite count={} offset={} fua={}", buf.len(), offset, flags.contains(Flags::FUA) as u8);
         self.writable()?;

@@ -183,6 +183,9 @@ struct Conn {
     /// Big READs are sent straight from the plugin's storage (the socket
     /// has a send timeout that bounds how long it is lent).
     lend: bool,
+    /// Big READs may be sent from a file with `sendfile` (`Handle::pread_fd`;
+    /// the socket has a send timeout, so a stalled client is noticed).
+    splice: bool,
     /// A TCP connection: big payloads are read once they have all come
     /// (`read_waiting`).
     tcp: bool,
@@ -219,6 +222,8 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
     // (Not under serialize_all_requests: other connections would wait.)
     let brief = !inline && s.handle.brief() && shared.model > ThreadModel::SerializeAllRequests;
     let lend = inline && set_send_timeout(writer.as_raw_fd(), LEND_TIME).is_ok();
+    let splice = !inline && socket_domain(writer.as_raw_fd()).is_some()
+        && set_send_timeout(writer.as_raw_fd(), LEND_TIME).is_ok();
     widen_unix_send_buffer(writer.as_raw_fd());
     let conn = Arc::new(Conn {
         id,
@@ -238,6 +243,7 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
         serialize_all: shared.model <= ThreadModel::SerializeAllRequests,
         inline,
         lend,
+        splice,
         tcp: matches!(socket_domain(read_fd), Some(libc::AF_INET | libc::AF_INET6)),
         big: AtomicBool::new(false),
         brief,
@@ -423,6 +429,20 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
+                // A big READ of a file in the page cache goes out with
+                // `sendfile`, from this thread; the guard does the work.
+                Next::Run(req, _, budget, _)
+                    if conn.splice
+                        && !conn.serialize_all
+                        && req.cmd == cmd::READ
+                        && req.count >= SPLICE_MIN
+                        && read_spliced(&conn, &req, &mut pending, true) =>
+                {
+                    drop(budget);
+                    if conn.stop.load(Ordering::Acquire) {
+                        break 'outer;
+                    }
+                }
                 // A READ that can be answered without waiting for a disk
                 // (the file plugin's page cache) runs right here too; the
                 // guard does the work, as with read_held.
@@ -460,6 +480,15 @@ fn worker(conn: Arc<Conn>) {
                         spawn_worker(&conn);
                     }
                     drop(r);
+                    if conn.splice && req.cmd == cmd::READ && req.count >= SPLICE_MIN
+                        && read_spliced(&conn, &req, &mut pending, false)
+                    {
+                        drop(budget);
+                        if conn.stop.load(Ordering::Acquire) {
+                            break 'outer;
+                        }
+                        continue 'outer;
+                    }
                     let reply = shutdown::with_connection_fd(&conn.gone, conn.read_fd, || {
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
                     });
@@ -746,6 +775,131 @@ fn send_lent(w: &mut Sock, conn: &Conn, req: &Request, data: &[&[u8]], head: &mu
         at += s.len();
     }
     Ok(Reply { head: Vec::new(), data: rest, data_len: size })
+}
+
+/// READs from this size on are sent with `sendfile` when the handle
+/// gives a file (`Handle::pread_fd`); smaller ones are copied, which
+/// costs less than the extra system calls.
+const SPLICE_MIN: u64 = 128 * 1024;
+
+/// A READ sent straight from the page cache: the reply header, then
+/// `sendfile` from the handle's file to the socket (one copy, by the
+/// kernel, instead of two). With `cached_only`, only if the whole range is
+/// in the page cache (this thread must not wait for a disk). False if the
+/// handle gave no file (nothing happened). Once the header is out, no
+/// error reply can follow: if the file comes up short (it shrank since
+/// its size was checked), the client went away, or the client has not
+/// taken anything for [`LEND_TIME`] while the server stops, the
+/// connection is closed (`conn.stop` is set). `pending` (the replies held
+/// back) is flushed first and left empty.
+fn read_spliced(conn: &Conn, req: &Request, pending: &mut Vec<u8>, cached_only: bool) -> bool {
+    let n = req.count as usize;
+    let got = shutdown::catch_panic("pread", || Ok(conn.handle.pread_fd(n, req.offset, cached_only)));
+    let Ok(Some((fd, off))) = got else { return false };
+    if !flush(conn, pending) {
+        return true;
+    }
+    // A hole (SEEK_DATA finds no data in the range): one hole chunk, as
+    // the copying path sends for data that is all zeroes.
+    let hole = conn.mode != Mode::Simple && req.flags & cmdflag::DF == 0 && is_hole(fd, off, n as u64);
+    let head = pending;
+    match conn.mode {
+        Mode::Simple => reply::simple(head, 0, req.cookie),
+        _ if hole => {
+            use crate::proto::codec::Put;
+            reply::chunk_header(head, conn.mode, chunk::FLAG_DONE, chunk::OFFSET_HOLE, req.cookie, req.offset, 12);
+            head.put_u64(req.offset);
+            head.put_u32(req.count as u32);
+        }
+        _ => reply::data_chunk_header(head, conn.mode, req.cookie, req.offset, req.count),
+    }
+    let _all = conn.serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
+    let w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = w.0.as_raw_fd();
+    let r = send_more(conn, sock, head, !hole).and_then(|()| if hole { Ok(()) } else { send_file(conn, sock, fd, off, n) });
+    drop(w);
+    head.clear();
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            log::error(&format!(
+                "pread: offset={} count={n}: the file shrank while it was sent: closing the connection",
+                req.offset
+            ));
+        } else {
+            crate::debug!("sendfile: {e}: closing connection");
+        }
+        broken(conn);
+    }
+    true
+}
+
+/// True if `[off, off+len)` of `fd` holds no data (SEEK_DATA); false when
+/// unsure.
+#[allow(unsafe_code)]
+fn is_hole(fd: RawFd, off: u64, len: u64) -> bool {
+    let Ok(o) = libc::off_t::try_from(off) else { return false };
+    // SAFETY: lseek on a descriptor; the position is not used by anyone
+    // (every read and sendfile gives its offset).
+    let p = unsafe { libc::lseek(fd, o, libc::SEEK_DATA) };
+    if p < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    p as u64 >= off.saturating_add(len)
+}
+
+/// Whether a write that timed out (the socket's [`LEND_TIME`]) should
+/// give up: the client hung up or the server is stopping.
+fn give_up(conn: &Conn) -> bool {
+    conn.gone.load(Ordering::Acquire) || shutdown::requested()
+}
+
+/// Sends all of `buf` (with MSG_MORE if data follows).
+#[allow(unsafe_code)]
+fn send_more(conn: &Conn, sock: RawFd, mut buf: &[u8], more: bool) -> std::io::Result<()> {
+    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    while !buf.is_empty() {
+        // SAFETY: `buf` is live and its length is given.
+        let k = unsafe { libc::send(sock, buf.as_ptr().cast(), buf.len(), flags) };
+        if k > 0 {
+            buf = &buf[k as usize..];
+            continue;
+        }
+        let e = if k == 0 { std::io::ErrorKind::WriteZero.into() } else { std::io::Error::last_os_error() };
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock if !give_up(conn) => {}
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `sendfile` of `[off, off+len)` of `fd` to `sock`. A short file is
+/// `UnexpectedEof`; a client that takes nothing for [`LEND_TIME`] is
+/// waited for (the worker is only freed early when the client hangs up
+/// or the server stops: `give_up`).
+#[allow(unsafe_code)]
+fn send_file(conn: &Conn, sock: RawFd, fd: RawFd, off: u64, len: usize) -> std::io::Result<()> {
+    let mut pos = libc::off_t::try_from(off).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: sendfile between two descriptors; `pos` is a live off_t.
+        let k = unsafe { libc::sendfile(sock, fd, &mut pos, left.min(1 << 30)) };
+        if k > 0 {
+            left -= k as usize;
+            continue;
+        }
+        if k == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock if !give_up(conn) => {}
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Runs a big WRITE whose payload is still unread: the handle hands out
