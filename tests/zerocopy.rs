@@ -405,3 +405,48 @@ fn round_trips_of_512_mib_keep_their_checksums() {
     run_ok("nbdcopy", &[&tcp.uri(), out2.to_str().unwrap()]);
     assert_eq!(sha256(&out2), want, "copied out over TCP");
 }
+
+/// Big WRITEs of the file plugin are spliced into the page cache once
+/// their whole payload has arrived: the data lands right (Unix and TCP,
+/// payloads that fit the staging pipe and bigger ones, which are copied),
+/// and a payload cut off by the client never reaches the file (T25).
+#[test]
+fn spliced_writes_land_whole_and_a_cut_payload_never_reaches_the_file() {
+    let dir = TempDir::new("zc-write");
+    let size = 16 * MIB;
+    let (path, _f) = sparse_file(&dir, 0, size);
+    let p = path.to_str().unwrap();
+    let unix = Server::start(&["file", p]);
+    let tcp = TcpServer::start(&["file", p]);
+    let mut at = 0;
+    for on_tcp in [false, true] {
+        let mut s = if on_tcp { connect(None, Some(&tcp), false) } else { connect(Some(&unix), None, false) };
+        for (i, len) in [(1, 256 * 1024), (2, MIB as usize), (3, 4 * MIB as usize), (4, 128 * 1024)] {
+            let data = pattern_at(at, len);
+            // Header and payload in pieces, as a slow client sends them.
+            send_request(&mut s, 0, 1, i, at, len as u32, &data[..1000]);
+            thread::sleep(Duration::from_millis(5));
+            s.write_all(&data[1000..len / 2]).unwrap();
+            thread::sleep(Duration::from_millis(5));
+            s.write_all(&data[len / 2..]).unwrap();
+            let mut h = [0; 16];
+            s.read_exact(&mut h).unwrap();
+            assert_eq!(&h[4..8], &[0; 4], "tcp={on_tcp} write {i}: error");
+            assert_eq!(read(&mut *s, false, 0, 100 + i, at, len as u32), Got::Data(data), "tcp={on_tcp} write {i}");
+            at += len as u64;
+        }
+    }
+    // Cut off after 3/4 of a 1 MiB payload: nothing of it is in the file.
+    let before = std::fs::read(&path).unwrap();
+    for on_tcp in [false, true] {
+        let mut s = if on_tcp { connect(None, Some(&tcp), false) } else { connect(Some(&unix), None, false) };
+        let data = vec![0xee; MIB as usize];
+        send_request(&mut s, 0, 1, 9, 12 * MIB, MIB as u32, &data[..3 * MIB as usize / 4]);
+        thread::sleep(Duration::from_millis(100));
+        drop(s);
+    }
+    thread::sleep(Duration::from_millis(300));
+    assert!(std::fs::read(&path).unwrap() == before, "a cut-off payload reached the file");
+    let mut unix = unix;
+    unix.health_check();
+}
