@@ -26,7 +26,7 @@ const EIO: u32 = 5;
 /// The file's content at byte offsets `[off, off+len)`: each 8-byte word
 /// holds a hash of its own offset, so a byte from anywhere else shows.
 fn pattern_at(off: u64, len: usize) -> Vec<u8> {
-    assert!(off % 8 == 0 && len % 8 == 0);
+    assert!(off.is_multiple_of(8) && len.is_multiple_of(8));
     let mut v = Vec::with_capacity(len);
     for w in 0..(len / 8) as u64 {
         let mut x = (off / 8 + w).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d;
