@@ -222,6 +222,10 @@ pub async fn run(shared: &Arc<Shared>, s: Session, reader: File, writer: File, c
     // (Not under serialize_all_requests: other connections would wait.)
     let brief = !inline && s.handle.brief() && shared.model > ThreadModel::SerializeAllRequests;
     let lend = inline && set_send_timeout(writer.as_raw_fd(), LEND_TIME).is_ok();
+    // sendfile/splice move bytes between descriptors without passing
+    // through this process: only for a connection whose `writer` carries
+    // the plaintext NBD stream itself (a TLS layer in this process must
+    // turn this off, or the data would bypass the encryption).
     let splice = !inline && socket_domain(writer.as_raw_fd()).is_some()
         && set_send_timeout(writer.as_raw_fd(), LEND_TIME).is_ok();
     widen_unix_send_buffer(writer.as_raw_fd());
