@@ -201,11 +201,32 @@ impl Handle for Checked {
         r
     }
 
+    fn pread_fd(&self, count: usize, offset: u64, cached_only: bool) -> Option<(std::os::fd::RawFd, u64)> {
+        // Out of range: the usual path reports it.
+        self.range(count as u64, offset, ErrorKind::Invalid).ok()?;
+        let r = self.inner.pread_fd(count, offset, cached_only);
+        if r.is_some() {
+            trace!(self, "pread count={} offset={}", count, offset);
+        }
+        r
+    }
+
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         trace!(self, "pwrite count={} offset={} fua={}", buf.len(), offset, flags.contains(Flags::FUA) as u8);
         self.writable()?;
         self.range(buf.len() as u64, offset, ErrorKind::NoSpace)?;
         self.with_fua(flags, |f| self.inner.pwrite(buf, offset, f))
+    }
+
+    fn pwrite_fd(&self, count: usize, offset: u64) -> Option<(std::os::fd::RawFd, u64)> {
+        // Refused: the usual path reports it.
+        self.writable().ok()?;
+        self.range(count as u64, offset, ErrorKind::NoSpace).ok()?;
+        let r = self.inner.pwrite_fd(count, offset);
+        if r.is_some() {
+            trace!(self, "pwrite count={} offset={} fua=0", count, offset);
+        }
+        r
     }
 
     fn pwrite_fill(&self, count: usize, offset: u64, flags: Flags,

@@ -225,6 +225,27 @@ pub trait Handle: Send + Sync {
     fn pread_nowait(&self, _buf: &mut [u8], _offset: u64) -> Option<Result<()>> {
         None
     }
+    /// Zero-copy read from a file: the descriptor and file offset holding
+    /// `[offset, offset+count)`, for the server to send with `sendfile`
+    /// (no copy through user space). `Some` only if the file holds the
+    /// whole range now (a read past its end must take `pread`, which
+    /// reports the error before any reply goes out) and, with
+    /// `cached_only`, if the range is in the page cache (the call then
+    /// runs on a thread that must not wait for a disk). The file must stay
+    /// open while the handle lives. If the file shrinks after this answer,
+    /// `sendfile` comes up short and the server closes the connection.
+    /// Filters never forward it (they may change the data).
+    fn pread_fd(&self, _count: usize, _offset: u64, _cached_only: bool) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
+    /// Zero-copy write into a file: the descriptor and file offset where
+    /// `[offset, offset+count)` of a WRITE without FUA goes, for the server
+    /// to `splice` the payload into once all of it has arrived (a payload
+    /// cut off never reaches the file). `None` if the layer cannot (the
+    /// server then calls `pwrite`). Filters never forward it.
+    fn pwrite_fd(&self, _count: usize, _offset: u64) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
     /// Zero-copy write: hands `fill` fresh storage for `[offset,
     /// offset+count)` as slices to fill (the server reads the payload
     /// straight into them) and makes it the data only if `fill` returns

@@ -5,6 +5,7 @@ pub mod connection;
 pub mod listen;
 mod nap;
 mod brief;
+mod splice;
 pub mod process;
 pub mod service;
 pub mod tls;

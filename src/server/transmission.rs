@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::tls::stream::{Input, Output};
-use super::{brief, nap, Shared};
+use super::{brief, nap, splice, Shared};
 use crate::backend::{Extents, Flags, Handle, ThreadModel};
 use crate::error::{Error, ErrorKind};
 use crate::proto::reply::{self, Mode};
@@ -184,6 +184,9 @@ struct Conn {
     /// Big READs are sent straight from the plugin's storage (the socket
     /// has a send timeout that bounds how long it is lent).
     lend: bool,
+    /// Big READs may be sent from a file with `sendfile` (`Handle::pread_fd`;
+    /// the socket has a send timeout, so a stalled client is noticed).
+    splice: bool,
     /// A TCP connection: big payloads are read once they have all come
     /// (`read_waiting`).
     tcp: bool,
@@ -230,6 +233,12 @@ pub async fn run_io(shared: &Arc<Shared>, s: Session, reader: Input, writer: Out
     // (Not under serialize_all_requests: other connections would wait.)
     let brief = !inline && s.handle.brief() && shared.model > ThreadModel::SerializeAllRequests;
     let lend = inline && plain && set_send_timeout(writer.fd(), LEND_TIME).is_ok();
+    // sendfile/splice move bytes between descriptors without passing
+    // through this process: only for a connection whose `writer` carries
+    // the plaintext NBD stream itself (never over TLS, or the data would
+    // bypass the encryption).
+    let splice = !inline && plain && socket_domain(writer.fd()).is_some()
+        && set_send_timeout(writer.fd(), LEND_TIME).is_ok();
     widen_unix_send_buffer(writer.fd());
     let conn = Arc::new(Conn {
         id,
@@ -249,6 +258,7 @@ pub async fn run_io(shared: &Arc<Shared>, s: Session, reader: Input, writer: Out
         serialize_all: shared.model <= ThreadModel::SerializeAllRequests,
         inline,
         lend,
+        splice,
         tcp: plain && matches!(socket_domain(read_fd), Some(libc::AF_INET | libc::AF_INET6)),
         tls: !plain,
         big: AtomicBool::new(false),
@@ -315,6 +325,9 @@ enum Next {
     /// A big WRITE on a handle that never blocks, its payload still to
     /// be read: straight into the plugin's storage if it can.
     Fill(Request, Budget),
+    /// A big WRITE without FUA on a handle that gives its file, its
+    /// payload still to be read: spliced into the file (splice.rs).
+    Splice(Request, Budget),
     /// Handled already (an error reply was sent).
     Again,
     /// Stop reading: EOF, DISC, a protocol error or a broken socket.
@@ -326,6 +339,8 @@ fn worker(conn: Arc<Conn>) {
     // Replies of requests run under the read lock, not written yet.
     let mut pending: Vec<u8> = Vec::new();
     let mut batch = nap::Batch::default();
+    // The staging pipe of spliced WRITEs, made at the first.
+    let mut pipe: Option<splice::Pipe> = None;
     nap::precise_sleeps();
     'outer: loop {
         conn.waiting.fetch_add(1, Ordering::AcqRel);
@@ -348,7 +363,7 @@ fn worker(conn: Arc<Conn>) {
             }
             let next = read_one(&conn, &mut r);
             match &next {
-                Next::Run(req, ..) | Next::RunBuffered(req, ..) | Next::Fill(req, ..) => {
+                Next::Run(req, ..) | Next::RunBuffered(req, ..) | Next::Fill(req, ..) | Next::Splice(req, ..) => {
                     batch.saw(matches!(req.cmd, cmd::READ | cmd::WRITE), req.count)
                 }
                 Next::Again => batch.saw(false, 0),
@@ -381,6 +396,21 @@ fn worker(conn: Arc<Conn>) {
                     };
                     drop(budget);
                     if !ok {
+                        break 'outer;
+                    }
+                }
+                Next::Splice(req, budget) => {
+                    let t = Instant::now();
+                    let reply = write_spliced(&conn, &mut r, &req, &mut pipe);
+                    drop(budget);
+                    let Some(reply) = reply else {
+                        // The payload was cut off: nothing was written.
+                        conn.stop.store(true, Ordering::Release);
+                        conn.gone.store(true, Ordering::Release);
+                        shutdown::wake_sleepers();
+                        break 'outer;
+                    };
+                    if !ran_brief(&conn, &mut batch, &mut pending, &req, t, reply) {
                         break 'outer;
                     }
                 }
@@ -437,6 +467,20 @@ fn worker(conn: Arc<Conn>) {
                         break 'outer;
                     }
                 }
+                // A big READ of a file in the page cache goes out with
+                // `sendfile`, from this thread; the guard does the work.
+                Next::Run(req, _, budget, _)
+                    if conn.splice
+                        && !conn.serialize_all
+                        && req.cmd == cmd::READ
+                        && req.count >= SPLICE_MIN
+                        && read_spliced(&conn, &req, &mut pending, true) =>
+                {
+                    drop(budget);
+                    if conn.stop.load(Ordering::Acquire) {
+                        break 'outer;
+                    }
+                }
                 // A READ that can be answered without waiting for a disk
                 // (the file plugin's page cache) runs right here too; the
                 // guard does the work, as with read_held.
@@ -474,6 +518,15 @@ fn worker(conn: Arc<Conn>) {
                         spawn_worker(&conn);
                     }
                     drop(r);
+                    if conn.splice && req.cmd == cmd::READ && req.count >= SPLICE_MIN
+                        && read_spliced(&conn, &req, &mut pending, false)
+                    {
+                        drop(budget);
+                        if conn.stop.load(Ordering::Acquire) {
+                            break 'outer;
+                        }
+                        continue 'outer;
+                    }
                     let reply = shutdown::with_connection_fd(&conn.gone, conn.read_fd, || {
                         execute(&*conn.handle, &req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool)
                     });
@@ -762,6 +815,131 @@ fn send_lent(w: &mut Sock, conn: &Conn, req: &Request, data: &[&[u8]], head: &mu
     Ok(Reply { head: Vec::new(), data: rest, data_len: size })
 }
 
+/// READs from this size on are sent with `sendfile` when the handle
+/// gives a file (`Handle::pread_fd`); smaller ones are copied, which
+/// costs less than the extra system calls.
+const SPLICE_MIN: u64 = 128 * 1024;
+
+/// A READ sent straight from the page cache: the reply header, then
+/// `sendfile` from the handle's file to the socket (one copy, by the
+/// kernel, instead of two). With `cached_only`, only if the whole range is
+/// in the page cache (this thread must not wait for a disk). False if the
+/// handle gave no file (nothing happened). Once the header is out, no
+/// error reply can follow: if the file comes up short (it shrank since
+/// its size was checked), the client went away, or the client has not
+/// taken anything for [`LEND_TIME`] while the server stops, the
+/// connection is closed (`conn.stop` is set). `pending` (the replies held
+/// back) is flushed first and left empty.
+fn read_spliced(conn: &Conn, req: &Request, pending: &mut Vec<u8>, cached_only: bool) -> bool {
+    let n = req.count as usize;
+    let got = shutdown::catch_panic("pread", || Ok(conn.handle.pread_fd(n, req.offset, cached_only)));
+    let Ok(Some((fd, off))) = got else { return false };
+    if !flush(conn, pending) {
+        return true;
+    }
+    // A hole (SEEK_DATA finds no data in the range): one hole chunk, as
+    // the copying path sends for data that is all zeroes.
+    let hole = conn.mode != Mode::Simple && req.flags & cmdflag::DF == 0 && is_hole(fd, off, n as u64);
+    let head = pending;
+    match conn.mode {
+        Mode::Simple => reply::simple(head, 0, req.cookie),
+        _ if hole => {
+            use crate::proto::codec::Put;
+            reply::chunk_header(head, conn.mode, chunk::FLAG_DONE, chunk::OFFSET_HOLE, req.cookie, req.offset, 12);
+            head.put_u64(req.offset);
+            head.put_u32(req.count as u32);
+        }
+        _ => reply::data_chunk_header(head, conn.mode, req.cookie, req.offset, req.count),
+    }
+    let _all = conn.serialize_all.then(|| ALL_REQUESTS.lock().unwrap_or_else(|e| e.into_inner()));
+    let w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = w.0.fd();
+    let r = send_more(conn, sock, head, !hole).and_then(|()| if hole { Ok(()) } else { send_file(conn, sock, fd, off, n) });
+    drop(w);
+    head.clear();
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            log::error(&format!(
+                "pread: offset={} count={n}: the file shrank while it was sent: closing the connection",
+                req.offset
+            ));
+        } else {
+            crate::debug!("sendfile: {e}: closing connection");
+        }
+        broken(conn);
+    }
+    true
+}
+
+/// True if `[off, off+len)` of `fd` holds no data (SEEK_DATA); false when
+/// unsure.
+#[allow(unsafe_code)]
+fn is_hole(fd: RawFd, off: u64, len: u64) -> bool {
+    let Ok(o) = libc::off_t::try_from(off) else { return false };
+    // SAFETY: lseek on a descriptor; the position is not used by anyone
+    // (every read and sendfile gives its offset).
+    let p = unsafe { libc::lseek(fd, o, libc::SEEK_DATA) };
+    if p < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    p as u64 >= off.saturating_add(len)
+}
+
+/// Whether a write that timed out (the socket's [`LEND_TIME`]) should
+/// give up: the client hung up or the server is stopping.
+fn give_up(conn: &Conn) -> bool {
+    conn.gone.load(Ordering::Acquire) || shutdown::requested()
+}
+
+/// Sends all of `buf` (with MSG_MORE if data follows).
+#[allow(unsafe_code)]
+fn send_more(conn: &Conn, sock: RawFd, mut buf: &[u8], more: bool) -> std::io::Result<()> {
+    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    while !buf.is_empty() {
+        // SAFETY: `buf` is live and its length is given.
+        let k = unsafe { libc::send(sock, buf.as_ptr().cast(), buf.len(), flags) };
+        if k > 0 {
+            buf = &buf[k as usize..];
+            continue;
+        }
+        let e = if k == 0 { std::io::ErrorKind::WriteZero.into() } else { std::io::Error::last_os_error() };
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock if !give_up(conn) => {}
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `sendfile` of `[off, off+len)` of `fd` to `sock`. A short file is
+/// `UnexpectedEof`; a client that takes nothing for [`LEND_TIME`] is
+/// waited for (the worker is only freed early when the client hangs up
+/// or the server stops: `give_up`).
+#[allow(unsafe_code)]
+fn send_file(conn: &Conn, sock: RawFd, fd: RawFd, off: u64, len: usize) -> std::io::Result<()> {
+    let mut pos = libc::off_t::try_from(off).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: sendfile between two descriptors; `pos` is a live off_t.
+        let k = unsafe { libc::sendfile(sock, fd, &mut pos, left.min(1 << 30)) };
+        if k > 0 {
+            left -= k as usize;
+            continue;
+        }
+        if k == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock if !give_up(conn) => {}
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Runs a big WRITE whose payload is still unread: the handle hands out
 /// fresh storage, the payload is read straight into it, and it becomes
 /// the data only once all of it has arrived (a payload cut off never
@@ -813,6 +991,81 @@ fn write_filled(conn: &Conn, r: &mut BufReader<Input>, req: &Request) -> Option<
         }
     };
     Some(error_reply(req, conn.mode, code))
+}
+
+/// Runs a big WRITE whose payload is still unread by splicing it into the
+/// handle's file (`Handle::pwrite_fd`): staged whole in the worker's pipe
+/// first, then moved into the page cache, so a payload cut off never
+/// reaches the file. If the handle gives no file or the pipe is too small
+/// (or fills up: the socket's data came in pieces smaller than a page),
+/// the payload goes through a buffer and `pwrite` as usual. `None` if the
+/// client hung up mid-payload or the socket broke.
+fn write_spliced(conn: &Conn, r: &mut BufReader<Input>, req: &Request, pipe: &mut Option<splice::Pipe>) -> Option<Reply> {
+    let n = req.count as usize;
+    let target = shutdown::catch_panic("pwrite", || Ok(conn.handle.pwrite_fd(n, req.offset))).ok().flatten();
+    if target.is_some() && pipe.is_none() {
+        *pipe = splice::Pipe::new().ok();
+    }
+    let (Some((fd, off)), Some(p)) = (target, pipe.as_ref().filter(|p| p.cap >= n)) else {
+        return write_copied(conn, r, req, &[]);
+    };
+    let buffered = r.buffer().len().min(n);
+    let staged = p.stage(conn.read_fd, &r.buffer()[..buffered], n);
+    r.consume(buffered);
+    match staged {
+        splice::Staged::Whole => {}
+        splice::Staged::Cut => {
+            *pipe = None; // (and what it holds)
+            return None;
+        }
+        splice::Staged::Full(got) => {
+            let mut head = match conn.pool.get(got) {
+                Ok(b) => b,
+                Err(_) => {
+                    *pipe = None;
+                    return None;
+                }
+            };
+            let drained = p.drain_into(&mut head[..got]);
+            if !drained {
+                *pipe = None;
+                return None;
+            }
+            let reply = write_copied(conn, r, req, &head[..got]);
+            conn.pool.put(head);
+            return reply;
+        }
+    }
+    let e = match p.commit(fd, off, n) {
+        Ok(()) => 0,
+        Err(e) => {
+            *pipe = None; // what did not go out stays behind in it
+            failed(req, &Error::os(format_args!("pwrite: splice: offset={} count={n}", req.offset), e))
+        }
+    };
+    Some(error_reply(req, conn.mode, e))
+}
+
+/// A WRITE whose payload's first bytes are `head` (already read) and the
+/// rest still unread: read into a buffer and run as usual. `None` if the
+/// payload was cut off.
+fn write_copied(conn: &Conn, r: &mut BufReader<Input>, req: &Request, head: &[u8]) -> Option<Reply> {
+    let n = req.count as usize;
+    let mut payload = match conn.pool.get(n) {
+        Ok(p) => p,
+        Err(e) => {
+            discard(r, (n - head.len()) as u64).ok()?;
+            return Some(error_reply(req, conn.mode, failed(req, &e)));
+        }
+    };
+    payload[..head.len()].copy_from_slice(head);
+    if !read_into(conn, r, &mut [&mut payload[head.len()..n]]) {
+        conn.pool.put(payload);
+        return None;
+    }
+    let reply = execute(&*conn.handle, req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
+    conn.pool.put(payload);
+    Some(reply)
 }
 
 /// Fills `bufs` from the connection: what is buffered first, then straight
@@ -1005,6 +1258,10 @@ fn read_one(conn: &Conn, r: &mut BufReader<Input>) -> Next {
     let brief = conn.brief && conn.quick.turn(brief::quick(&req));
     if (conn.inline && req.count <= INLINE_MAX || brief) && plen > 0 && r.buffer().len() >= plen as usize {
         return Next::RunBuffered(req, budget);
+    }
+    // A quick big WRITE on a file: its payload spliced into the page cache.
+    if brief && conn.splice && req.cmd == cmd::WRITE && req.flags & cmdflag::FUA == 0 && plen >= SPLICE_MIN {
+        return Next::Splice(req, budget);
     }
     // (Not under serialize_all_requests: the payload would be read with
     // every other connection waiting.)

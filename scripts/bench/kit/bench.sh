@@ -31,6 +31,10 @@
 #   PERF_STAT [auto]    also record context switches with `perf stat -p`
 #   NICE []             run everything (servers, fio, nbdcopy) at this nice
 #                       level, e.g. NICE=-10 on a machine shared with builds
+#   PIN [auto]          pin the server and the client to separate cores with
+#                       taskset (the same pinning for every server): auto = on
+#                       with 2 or more CPUs; PIN=0 turns it off
+#   SERVER_CPUS [1] CLIENT_CPUS [0]   the taskset -c lists used when pinned
 #   NOISE_MAX [] NOISE_RETRIES [1]  if set, a test during which other
 #                       processes used more than NOISE_MAX cores is repeated
 #                       (up to NOISE_RETRIES times); the least noisy is kept
@@ -69,6 +73,20 @@ PORT_BASE=${PORT_BASE:-20809}
 PERF_STAT=${PERF_STAT:-auto}
 NOISE_MAX=${NOISE_MAX:-}
 NOISE_RETRIES=${NOISE_RETRIES:-1}
+PIN=${PIN:-auto}
+SERVER_CPUS=${SERVER_CPUS:-1}
+CLIENT_CPUS=${CLIENT_CPUS:-0}
+if [ "$PIN" = auto ]; then
+    if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then PIN=1; else PIN=0; fi
+fi
+SRV_PIN=(); CLI_PIN=()
+if [ "$PIN" = 1 ]; then
+    SRV_PIN=(taskset -c "$SERVER_CPUS"); CLI_PIN=(taskset -c "$CLIENT_CPUS")
+    # cores the client may use: its verdict is "client-bound" at >= 95 % of them
+    CLIENT_CORES=$(taskset -c "$CLIENT_CPUS" nproc)
+else
+    CLIENT_CORES=$(nproc)
+fi
 
 [ $# -ge 1 ] || { sed -n '2,40p' "$0"; exit 2; }
 SIZE_B=$(numfmt --from=iec "$SIZE")
@@ -145,6 +163,7 @@ start_server() {  # NAME TRANSPORT -> SPID URI T_ACCEPT T_GREET
     cmd=${cmd//\{SIZE\}/$SIZE};     cmd=${cmd//\{CONF\}/$conf}
     cmd=${cmd//\{PIDFILE\}/$pidf}
     local -a argv; read -ra argv <<< "$cmd"
+    argv=("${SRV_PIN[@]}" "${argv[@]}")
     echo "$name $tr: $cmd" >> "$OUT/commands.txt"
     local r; r=$("$PY" "$HERE/lib/launch.py" "$@" --log "$OUT/log/$name-$tr.log" -- "${argv[@]}") \
         || die "could not start $name ($cmd)"
@@ -240,7 +259,7 @@ run_fio() {  # NAME TR REP TEST
     c0=$(cpu_of); perf_start; b0=$(sys_busy); w0=$(date +%s%N)
     # shellcheck disable=SC2046
     /usr/bin/time -f '%e %U %S' -o "$OUT/fio/$tag.time" \
-        fio --name="$test" --ioengine=nbd --uri="$URI" --thread --time_based \
+        "${CLI_PIN[@]}" fio --name="$test" --ioengine=nbd --uri="$URI" --thread --time_based \
             --runtime="$RUNTIME" --group_reporting --lat_percentiles=1 --output-format=json \
             --output="$OUT/fio/$tag.json" $(fio_args "$test") \
             > /dev/null 2>> "$OUT/log/fio.err" || die "fio $tag failed"
@@ -262,7 +281,7 @@ run_copy() {  # NAME TR REP TEST
     *) die "unknown copy test $test" ;;
     esac
     c0=$(cpu_of); perf_start; b0=$(sys_busy); w0=$(date +%s%N)
-    /usr/bin/time -f '%e %U %S' -o "$OUT/fio/$tag.time" nbdcopy "$src" "$dst" \
+    /usr/bin/time -f '%e %U %S' -o "$OUT/fio/$tag.time" "${CLI_PIN[@]}" nbdcopy "$src" "$dst" \
         2>> "$OUT/log/nbdcopy.err" || die "nbdcopy $tag failed"
     w1=$(date +%s%N); b1=$(sys_busy); perf_stop; c1=$(cpu_of)
     read -r e u s < "$OUT/fio/$tag.time"
@@ -281,6 +300,8 @@ sync
 {   echo "date: $(date -Is)"; echo "host: $(uname -a)"; echo "cpus: $(nproc)"
     echo "REPS=$REPS RUNTIME=$RUNTIME SIZE=$SIZE TRANSPORTS='$TRANSPORTS' COPY_SINK=$COPY_SINK PERF_STAT=$PERF_STAT NICE=${NICE:-} NOISE_MAX=$NOISE_MAX NOISE_RETRIES=$NOISE_RETRIES"
     echo "nice: $(nice)"
+    echo "pin: $PIN server_cpus=$SERVER_CPUS client_cpus=$CLIENT_CPUS"
+    echo "client_cores: $CLIENT_CORES"
     echo "servers: ${NAMES[*]}"
     nbdkit --version 2>/dev/null | head -1 || true
     qemu-nbd --version 2>/dev/null | head -1 || true

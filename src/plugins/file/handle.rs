@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -77,6 +78,8 @@ pub struct Memo {
     pub blkdiscard: Method,
     /// preadv2(RWF_NOWAIT), for reads the server runs on its own thread.
     nowait: Method,
+    /// cachestat(2), to tell whether a `sendfile` would wait for a disk.
+    cachestat: Method,
     nowait_backoff: Backoff,
     /// Debug messages already printed once.
     trim_warned: AtomicBool,
@@ -160,6 +163,7 @@ impl FileHandle {
                 blkdiscard: Method::new(is_block),
                 // cache=none evicts after each read: not for the fast path.
                 nowait: Method::new(!cache_none),
+                cachestat: Method::new(!cache_none),
                 nowait_backoff: Backoff::default(),
                 trim_warned: AtomicBool::new(false),
                 zero_warned: AtomicBool::new(false),
@@ -328,6 +332,45 @@ impl Handle for FileHandle {
             }
             Err(_) => None,
         }
+    }
+
+    /// The file itself, for `sendfile` (not with cache=none: those reads
+    /// evict what they read, and go through `pread`). Regular files are
+    /// checked against their size now, so that a read past the end of a
+    /// file that shrank takes `pread` and gets its error reply.
+    fn pread_fd(&self, count: usize, offset: u64, cached_only: bool) -> Option<(RawFd, u64)> {
+        if self.evict.is_some() {
+            return None;
+        }
+        let end = offset.checked_add(count as u64)?;
+        if !self.is_block && sys::file_size(&self.file).ok()? < end {
+            return None;
+        }
+        if cached_only {
+            if !self.memo.cachestat.on() {
+                return None;
+            }
+            match sys::cached(&self.file, offset, count as u64) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)) {
+                        self.memo.cachestat.disable();
+                    }
+                    return None;
+                }
+            }
+        }
+        Some((self.file.as_raw_fd(), offset))
+    }
+
+    /// The file, for a WRITE's payload spliced into the page cache (not
+    /// with cache=none: those writes are tracked for eviction).
+    fn pwrite_fd(&self, _count: usize, offset: u64) -> Option<(RawFd, u64)> {
+        if self.evict.is_some() || !self.can_write {
+            return None;
+        }
+        Some((self.file.as_raw_fd(), offset))
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {

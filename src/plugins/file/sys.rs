@@ -149,6 +149,67 @@ pub fn pread_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
     Ok(n as usize == buf.len())
 }
 
+/// The size of a regular file now (`fstat`).
+pub fn file_size(f: &File) -> io::Result<u64> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the stat buffer given on success.
+    cvt(unsafe { libc::fstat(f.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so the buffer is initialized.
+    Ok(unsafe { st.assume_init() }.st_size as u64)
+}
+
+/// `cachestat(2)` (Linux 6.5), not in libc yet: the same number on every
+/// architecture (the unified syscall table).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// True if every page of `[offset, offset+len)` is in the page cache
+/// (`cachestat(2)`: one call, nothing copied). ENOSYS on older kernels.
+pub fn cached(f: &File, offset: u64, len: u64) -> io::Result<bool> {
+    if len == 0 {
+        return Ok(true);
+    }
+    let range = CachestatRange { off: offset, len };
+    let mut cs = Cachestat::default();
+    // SAFETY: the kernel reads `range` and writes `cs`, both live and of
+    // the layout cachestat(2) defines; flags must be 0.
+    let r = unsafe {
+        libc::syscall(SYS_CACHESTAT, f.as_raw_fd() as libc::c_long, &range as *const CachestatRange,
+                      &mut cs as *mut Cachestat, 0 as libc::c_long)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let page = page_size();
+    let pages = (offset + len - 1) / page - offset / page + 1;
+    Ok(cs.nr_cache >= pages)
+}
+
+/// The system's page size.
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf reads no memory of ours.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
+
 /// `sync_file_range(2)`.
 pub fn sync_file_range(f: &File, offset: u64, len: u64, flags: c_uint) -> io::Result<()> {
     let (o, l) = (off(offset)?, off(len)?);

@@ -384,3 +384,38 @@ fn writes_are_brief_unless_cache_is_none() {
     let h = p.open(false, "", false).unwrap();
     assert!(h.blocks() && !h.brief());
 }
+
+#[test]
+fn the_file_is_lent_for_sendfile_while_it_holds_the_range() {
+    let d = TempDir::new();
+    let path = d.file("disk", MIB, 0);
+    let h = serve(&path).open(false, "", false).unwrap();
+    let data = vec![0x5a; 256 * 1024];
+    h.pwrite(&data, 0, Flags::NONE).unwrap();
+    // Just written: in the page cache, so also when only cached will do.
+    let (fd, off) = h.pread_fd(data.len(), 0, true).expect("a cached range");
+    assert_eq!(off, 0);
+    let mut buf = vec![0; data.len()];
+    let f = std::mem::ManuallyDrop::new(unsafe_file(fd));
+    std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, off).unwrap();
+    assert_eq!(buf, data);
+    assert!(h.pread_fd(4096, MIB - 4096, false).is_some());
+    // The file shrinks: the range past its end is not lent (`pread`
+    // reports the error), the rest still is.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(MIB / 2).unwrap();
+    assert!(h.pread_fd(4096, MIB - 4096, false).is_none());
+    assert!(h.pread_fd(8192, MIB / 2 - 4096, false).is_none());
+    assert!(h.pread_fd(4096, 0, false).is_some());
+    // cache=none reads evict what they read: never lent.
+    let p = configured(&[("file", path.to_str().unwrap()), ("cache", "none")]).unwrap();
+    let h = p.open(false, "", false).unwrap();
+    assert!(h.pread_fd(4096, 0, false).is_none());
+}
+
+/// A `File` over a descriptor owned elsewhere (never dropped).
+#[allow(unsafe_code)]
+fn unsafe_file(fd: std::os::fd::RawFd) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the caller wraps it in ManuallyDrop; the handle owns `fd`.
+    unsafe { std::fs::File::from_raw_fd(fd) }
+}
