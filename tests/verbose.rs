@@ -144,6 +144,10 @@ fn kind(msg: &str, allow: Allow) -> Option<String> {
         m.starts_with("request processing: "),
         m.starts_with("handshake timeout: "),
         m.starts_with("transmission: "),
+        // nbdkit 1.44's service mode and URI (1.32 has neither).
+        m.starts_with("service mode: "),
+        m.starts_with("NBD URI: "),
+        m.starts_with("no NBD URI because "),
         allow.extended_headers
             && (m.contains("NBD_OPT_EXTENDED_HEADERS") || m.contains("unknown (0xb)") || m.contains("NBD_OPT_STRUCTURED_REPLY")),
         allow.racy_abort && (m.starts_with("write: ") || m.starts_with("handshake: ") || m.starts_with("client sent NBD_OPT_ABORT")),
@@ -253,6 +257,9 @@ fn qemu_io_read() {
     assert!(ours.contains("debug: newstyle negotiation: NBD_OPT_EXTENDED_HEADERS: client requested extended headers"), "{ours}");
     assert!(ours.contains("debug: replying to NBD_OPT_EXTENDED_HEADERS with NBD_REP_ACK"), "{ours}");
     assert!(ours.contains("debug: transmission: extended headers;"), "{ours}");
+    // nbdkit 1.44's service mode and URI lines.
+    assert!(ours.contains("debug: service mode: unix socket\n"), "{ours}");
+    assert!(ours.contains("debug: NBD URI: nbd+unix://?socket="), "{ours}");
     // Workers: at least one started, each that started also exited.
     assert!(count(&ours, "starting worker thread ") >= 1, "{ours}");
     assert_eq!(count(&ours, "starting worker thread "), count(&ours, "exiting worker thread "), "{ours}");

@@ -90,25 +90,67 @@ pub fn in_bounds(offset: u64, count: u64, size: u64) -> bool {
     count > 0 && offset <= size && count <= size - offset
 }
 
+/// Why a request is invalid, in nbdkit's words (`invalid request: …`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    UnknownCommand(u16),
+    ReadOnly(u16),
+    OutOfRange(u16, u64, u64),
+    NotZero(u16),
+    UnknownFlags(u16),
+    FlagNeeds(&'static str, &'static str),
+    NoStructured(u16),
+    NotSupported(&'static str),
+    TooLarge(u16, u64),
+    NoBaseAllocation(u16),
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = cmd::name;
+        match *self {
+            Invalid::UnknownCommand(c) => write!(f, "unknown command ({c}) ignored"),
+            Invalid::ReadOnly(c) => write!(f, "{}: write request on readonly connection", n(c)),
+            Invalid::OutOfRange(c, o, k) => {
+                write!(f, "{}: offset and count are out of range: offset={o} count={k}", n(c))
+            }
+            Invalid::NotZero(c) => write!(f, "{}: expecting offset and count = 0", n(c)),
+            Invalid::UnknownFlags(x) => write!(f, "unknown flag (0x{x:x})"),
+            Invalid::FlagNeeds(flag, c) => write!(f, "{flag} flag needs {c} request"),
+            Invalid::NoStructured(c) => write!(f, "{}: structured replies was not negotiated", n(c)),
+            Invalid::NotSupported(what) => write!(f, "{what} not supported"),
+            Invalid::TooLarge(c, k) => write!(f, "{}: data request is too large ({k} > {MAX_REQUEST_SIZE})", n(c)),
+            Invalid::NoBaseAllocation(c) => write!(f, "{}: base:allocation was not negotiated", n(c)),
+        }
+    }
+}
+
 /// nbdkit's request validation: `Ok` or the NBD error to reply with.
 /// The caller has already dealt with a payload too big to drain.
 pub fn validate(r: &Request, e: &Export) -> Result<(), u32> {
+    check(r, e).map_err(|(errno, _)| errno)
+}
+
+/// [`validate`], with the reason a request is refused.
+pub fn check(r: &Request, e: &Export) -> Result<(), (u32, Invalid)> {
     let has = |f: u16| e.eflags & f != 0;
     let writes = matches!(r.cmd, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
     match r.cmd {
         cmd::READ | cmd::WRITE | cmd::TRIM | cmd::CACHE | cmd::WRITE_ZEROES | cmd::BLOCK_STATUS
         | cmd::FLUSH | cmd::DISC => {}
-        _ => return Err(errno::EINVAL),
+        c => return Err((errno::EINVAL, Invalid::UnknownCommand(c))),
     }
     if writes && has(eflag::READ_ONLY) {
-        return Err(errno::EPERM);
+        return Err((errno::EPERM, Invalid::ReadOnly(r.cmd)));
     }
     match r.cmd {
-        cmd::FLUSH | cmd::DISC if r.offset != 0 || r.count != 0 => return Err(errno::EINVAL),
+        cmd::FLUSH | cmd::DISC if r.offset != 0 || r.count != 0 => {
+            return Err((errno::EINVAL, Invalid::NotZero(r.cmd)))
+        }
         cmd::FLUSH | cmd::DISC => {}
         _ if !in_bounds(r.offset, r.count, e.size) => {
             let kind = if matches!(r.cmd, cmd::WRITE | cmd::WRITE_ZEROES) { errno::ENOSPC } else { errno::EINVAL };
-            return Err(kind);
+            return Err((kind, Invalid::OutOfRange(r.cmd, r.offset, r.count)));
         }
         _ => {}
     }
@@ -117,31 +159,46 @@ pub fn validate(r: &Request, e: &Export) -> Result<(), u32> {
         known |= cmdflag::PAYLOAD_LEN;
     }
     let f = r.flags;
-    if f & !known != 0
-        || (f & cmdflag::NO_HOLE != 0 && r.cmd != cmd::WRITE_ZEROES)
-        || (f & cmdflag::FAST_ZERO != 0 && (r.cmd != cmd::WRITE_ZEROES || !has(eflag::SEND_FAST_ZERO)))
-        || (f & cmdflag::DF != 0 && (r.cmd != cmd::READ || !has(eflag::SEND_DF)))
-        || (f & cmdflag::REQ_ONE != 0 && r.cmd != cmd::BLOCK_STATUS)
-        || (f & cmdflag::FUA != 0 && !has(eflag::SEND_FUA))
-        || (f & cmdflag::PAYLOAD_LEN != 0 && r.cmd != cmd::WRITE)
-    {
-        return Err(errno::EINVAL);
+    let bad_flag = if f & !known != 0 {
+        Some(Invalid::UnknownFlags(f & !known))
+    } else if f & cmdflag::NO_HOLE != 0 && r.cmd != cmd::WRITE_ZEROES {
+        Some(Invalid::FlagNeeds("NO_HOLE", "WRITE_ZEROES"))
+    } else if f & cmdflag::FAST_ZERO != 0 && r.cmd != cmd::WRITE_ZEROES {
+        Some(Invalid::FlagNeeds("FAST_ZERO", "WRITE_ZEROES"))
+    } else if f & cmdflag::FAST_ZERO != 0 && !has(eflag::SEND_FAST_ZERO) {
+        Some(Invalid::NotSupported("FAST_ZERO flag"))
+    } else if f & cmdflag::DF != 0 && r.cmd != cmd::READ {
+        Some(Invalid::FlagNeeds("DF", "READ"))
+    } else if f & cmdflag::DF != 0 && !has(eflag::SEND_DF) {
+        Some(Invalid::NoStructured(r.cmd))
+    } else if f & cmdflag::REQ_ONE != 0 && r.cmd != cmd::BLOCK_STATUS {
+        Some(Invalid::FlagNeeds("REQ_ONE", "BLOCK_STATUS"))
+    } else if f & cmdflag::FUA != 0 && !has(eflag::SEND_FUA) {
+        Some(Invalid::NotSupported("FUA flag"))
+    } else if f & cmdflag::PAYLOAD_LEN != 0 && r.cmd != cmd::WRITE {
+        Some(Invalid::FlagNeeds("PAYLOAD_LEN", "WRITE"))
+    } else {
+        None
+    };
+    if let Some(why) = bad_flag {
+        return Err((errno::EINVAL, why));
     }
     if matches!(r.cmd, cmd::READ | cmd::WRITE) && r.count > u64::from(MAX_REQUEST_SIZE) {
-        return Err(errno::EINVAL);
+        return Err((errno::EINVAL, Invalid::TooLarge(r.cmd, r.count)));
     }
-    let advertised = match r.cmd {
-        cmd::FLUSH => has(eflag::SEND_FLUSH),
-        cmd::TRIM => has(eflag::SEND_TRIM),
-        cmd::WRITE_ZEROES => has(eflag::SEND_WRITE_ZEROES),
-        cmd::CACHE => has(eflag::SEND_CACHE),
-        cmd::BLOCK_STATUS => (e.structured || e.extended) && e.base_allocation,
-        _ => true,
+    let refused = match r.cmd {
+        cmd::FLUSH if !has(eflag::SEND_FLUSH) => Some(Invalid::NotSupported("flush operation")),
+        cmd::TRIM if !has(eflag::SEND_TRIM) => Some(Invalid::NotSupported("trim operation")),
+        cmd::WRITE_ZEROES if !has(eflag::SEND_WRITE_ZEROES) => Some(Invalid::NotSupported("write zeroes operation")),
+        cmd::CACHE if !has(eflag::SEND_CACHE) => Some(Invalid::NotSupported("cache operation")),
+        cmd::BLOCK_STATUS if !(e.structured || e.extended) => Some(Invalid::NoStructured(r.cmd)),
+        cmd::BLOCK_STATUS if !e.base_allocation => Some(Invalid::NoBaseAllocation(r.cmd)),
+        _ => None,
     };
-    if !advertised {
-        return Err(errno::EINVAL);
+    match refused {
+        Some(why) => Err((errno::EINVAL, why)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -158,6 +215,33 @@ mod tests {
 
     fn req(cmd: u16, flags: u16, offset: u64, count: u64) -> Request {
         Request { flags, cmd, cookie: 7, offset, count }
+    }
+
+    #[test]
+    fn invalid_requests_say_why_in_nbdkits_words() {
+        let why = |r: Request, e: Export| check(&r, &e).unwrap_err().1.to_string();
+        assert_eq!(
+            why(req(cmd::READ, 0, 1 << 30, 512), exp(ALL)),
+            "NBD_CMD_READ: offset and count are out of range: offset=1073741824 count=512"
+        );
+        assert_eq!(why(req(cmd::WRITE, 0, 0, 512), exp(ALL | eflag::READ_ONLY)), "NBD_CMD_WRITE: write request on readonly connection");
+        assert_eq!(why(req(cmd::FLUSH, 0, 1, 0), exp(ALL)), "NBD_CMD_FLUSH: expecting offset and count = 0");
+        assert_eq!(why(req(99, 0, 0, 512), exp(ALL)), "unknown command (99) ignored");
+        assert_eq!(why(req(cmd::READ, 0x400, 0, 512), exp(ALL)), "unknown flag (0x400)");
+        assert_eq!(why(req(cmd::READ, cmdflag::REQ_ONE, 0, 512), exp(ALL)), "REQ_ONE flag needs BLOCK_STATUS request");
+        assert_eq!(why(req(cmd::WRITE, cmdflag::FUA, 0, 512), exp(ALL & !eflag::SEND_FUA)), "FUA flag not supported");
+        assert_eq!(why(req(cmd::TRIM, 0, 0, 512), exp(ALL & !eflag::SEND_TRIM)), "trim operation not supported");
+        let mut e = exp(ALL);
+        e.base_allocation = false;
+        assert_eq!(why(req(cmd::BLOCK_STATUS, 0, 0, 512), e), "NBD_CMD_BLOCK_STATUS: base:allocation was not negotiated");
+    }
+
+    proptest! {
+        #[test]
+        fn check_and_validate_agree(cmd in 0u16..12, flags: u16, offset in 0u64..(2 << 20), count in 0u64..(2 << 20), eflags: u16) {
+            let (r, e) = (req(cmd, flags, offset, count), exp(eflags));
+            prop_assert_eq!(validate(&r, &e), check(&r, &e).map_err(|x| x.0));
+        }
     }
 
     #[test]

@@ -182,6 +182,26 @@ fn start(cfg: Config) -> Result<i32, String> {
     }
     let unix_path = listeners.as_ref().and_then(Listeners::unix_path);
     let the_uri = uri::uri(&cfg, unix_path.as_deref());
+    if log::verbose() {
+        // nbdkit 1.44's lines (it computes the URI before loading the
+        // plugin; here the socket is bound first, so `-U -` has a path).
+        let mode = if cfg.socket_activation > 0 {
+            "socket activation"
+        } else if cfg.single {
+            "listen stdin"
+        } else if unix_path.is_some() {
+            "unix socket"
+        } else if cfg.vsock {
+            "vsock"
+        } else {
+            "TCP/IP"
+        };
+        crate::debug!("service mode: {mode}");
+        match &the_uri {
+            Some(u) => crate::debug!("NBD URI: {u}"),
+            None => crate::debug!("no NBD URI because service mode is {mode}"),
+        }
+    }
     if cfg.print_uri {
         if let Some(u) = &the_uri {
             use std::io::Write;

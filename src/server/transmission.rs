@@ -1226,7 +1226,10 @@ fn read_one(conn: &Conn, r: &mut BufReader<Input>) -> Next {
         }
         Err(errno::EINVAL)
     } else {
-        request::validate(&req, &conn.export)
+        request::check(&req, &conn.export).map_err(|(e, why)| {
+            crate::log_error!("invalid request: {why}");
+            e
+        })
     };
     let refuse = |r: &mut BufReader<Input>, e: u32| {
         if discard(r, plen).is_err() {
