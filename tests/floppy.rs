@@ -170,7 +170,7 @@ fn fat_tools_read_every_file_back() {
     assert_eq!(many.lines().filter(|l| l.contains("file0")).count(), 300, "{many}");
 
     // The free space of size=2G is usable: mtools writes 100 MiB into a
-    // copy of the partition (no cow filter on this branch), fsck.fat
+    // copy of the partition (through NBD and the cow filter: the next test), fsck.fat
     // still finds nothing wrong, and it reads back.
     let big = work.path("100M.bin");
     let data = bytes(42, 100 << 20);
@@ -183,6 +183,44 @@ fn fat_tools_read_every_file_back() {
     let o = mtools("mcopy", &["-n", "-i", p, "::/many/written.bin", back.to_str().unwrap()]);
     assert!(o.status.success(), "mcopy out: {}", String::from_utf8_lossy(&o.stderr));
     assert!(std::fs::read(&back).unwrap() == data, "the 100 MiB file read back differs");
+}
+
+/// An operating system can write into the free space of `size=2G`
+/// through the cow filter: 100 MiB written by mtools into the partition,
+/// the partition written back over NBD, then read back from the server,
+/// checked by fsck.fat and extracted; the host directory is untouched.
+#[test]
+fn a_file_written_through_the_cow_filter_reads_back() {
+    require!("qemu-img", "--version");
+    require!("fsck.fat", "--help");
+    require!("mdir", "--version");
+    let src = TempDir::new("floppy-cow-src");
+    let files = rich_tree(&src.0);
+    let srv = Server::start_with(&["--filter=cow"], &["floppy", src.0.to_str().unwrap(), "size=2G"]);
+    let work = TempDir::new("floppy-cow-work");
+    let json = format!(r#"json:{{"driver":"raw","offset":{PART},"file":{{"driver":"nbd","server":{{"type":"unix","path":"{}"}}}}}}"#,
+                       srv.sock.display());
+    let part = work.path("part.img");
+    let p = part.to_str().unwrap();
+    run_ok("qemu-img", &["convert", "-O", "raw", &json, p]);
+    let big = work.path("100M.bin");
+    let data = bytes(7, 100 << 20);
+    std::fs::write(&big, &data).unwrap();
+    let o = mtools("mcopy", &["-i", p, big.to_str().unwrap(), "::/written.bin"]);
+    assert!(o.status.success(), "mcopy in: {}", String::from_utf8_lossy(&o.stderr));
+    // Back over NBD, into the cow overlay.
+    run_ok("qemu-img", &["convert", "-n", "-O", "raw", p, &json]);
+    let again = work.path("again.img");
+    let a = again.to_str().unwrap();
+    run_ok("qemu-img", &["convert", "-O", "raw", &json, a]);
+    fsck_clean(&again);
+    let back = work.path("back.bin");
+    let o = mtools("mcopy", &["-n", "-i", a, "::/written.bin", back.to_str().unwrap()]);
+    assert!(o.status.success(), "mcopy out: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&back).unwrap() == data, "the 100 MiB file read back through cow differs");
+    assert_eq!(read_tree(&src.0), files, "the host directory changed");
+    let mut srv = srv;
+    srv.health_check();
 }
 
 /// The default size (no free space) passes fsck too, and the same
