@@ -493,3 +493,26 @@ fn controlpath_flag_off() {
     assert!(!ours.contains("debug: memory: open"), "{ours}");
     assert!(ours.contains("debug: memory: pread count=512 offset=0"), "{ours}");
 }
+
+/// `-D memory.dir=1` and `-D data.dir=1`: the sparse allocator logs its
+/// directory insertions and lookups (nbdkit's `sparse_debug_dir`); without
+/// the flag it says nothing of them.
+#[test]
+fn allocator_directory_debugging() {
+    require!("nbdsh", "--version");
+    for (opts, args, on) in [
+        (&["-D", "memory.dir=1"][..], &["memory", "1G"][..], true),
+        (&["-D", "data.dir=1"], &["data", "1 2 3", "size=1G"], true),
+        (&[], &["memory", "1G"], false),
+    ] {
+        let s = Verbose::start(&nbdkit_bin(), opts, args);
+        client_ok("nbdsh", &["-u", &s.uri(), "-c", "h.pwrite(b'x' * 512, 1 << 29); h.pread(512, 1 << 29); h.pread(512, 1 << 20)"]);
+        let log = s.finish();
+        assert_eq!(log.contains("debug: insert: inserted new directory node for page 16384 at level"), on, "{opts:?}\n{log}");
+        assert_eq!(log.contains("debug: lookup: search dir: entry found: page 16384"), on, "{opts:?}\n{log}");
+        // (The data plugin answers unwritten pages from its pattern.)
+        if args[0] == "memory" {
+            assert_eq!(log.contains("debug: lookup: search dir: no entry found: page 32"), on, "{opts:?}\n{log}");
+        }
+    }
+}

@@ -45,7 +45,7 @@ impl Plugin for Memory {
 
     fn get_ready(&mut self) -> Result<()> {
         let size = self.size.unwrap_or_default();
-        let disk = allocator::create(&self.allocator, size)?;
+        let disk = allocator::create("memory", &self.allocator, size)?;
         disk.set_size_hint(size)?;
         self.disk = Some(Arc::from(disk));
         Ok(())
@@ -121,7 +121,7 @@ impl Handle for MemoryHandle {
     }
 }
 
-// -D flags nbdkit's memory plugin reads (the allocator's `dir` logging is not built).
+// -D flags nbdkit's memory plugin reads (`dir`: the sparse allocator's directory).
 inventory::submit! {
     crate::backend::registry::DebugFlags { backend: "memory", flags: &["dir"] }
 }

@@ -62,7 +62,9 @@ const TYPES: [&str; 3] = ["malloc", "sparse", "zstd"];
 
 /// Creates the allocator `spec` describes (`sparse`, `malloc,mlock=true`…)
 /// for disks of at most `max_size` bytes, with nbdkit's messages.
-pub fn create(spec: &str, max_size: u64) -> Result<Box<dyn Allocator>> {
+/// `owner` is the plugin's name: `-D OWNER.dir=1` logs the sparse
+/// allocator's directory lookups and insertions, as nbdkit's does.
+pub fn create(owner: &str, spec: &str, max_size: u64) -> Result<Box<dyn Allocator>> {
     crate::debug!("allocator: {spec}");
     let (ty, params) = match spec.split_once(',') {
         Some((ty, rest)) => (ty, parse_params(rest)?),
@@ -74,7 +76,10 @@ pub fn create(spec: &str, max_size: u64) -> Result<Box<dyn Allocator>> {
     let made: Result<Box<dyn Allocator>> = match name {
         "malloc" => Malloc::from_params(&params).map(|a| Box::new(a) as Box<dyn Allocator>),
         "sparse" if !params.is_empty() => Err(Error::invalid("allocator=sparse does not take extra parameters")),
-        "sparse" => Sparse::new(max_size).map(|a| Box::new(a) as Box<dyn Allocator>),
+        "sparse" => Sparse::new(max_size).map(|mut a| {
+            a.debug_dir = crate::util::log::debug_flag(owner, "dir") != 0;
+            Box::new(a) as Box<dyn Allocator>
+        }),
         _ => return Err(Error::invalid("allocator=zstd is not supported in this build")),
     };
     // nbdkit prints why the allocator could not be made, then gives up on it.
@@ -144,7 +149,7 @@ mod tests {
         for (spec, typ) in [("", 0), ("m", 0), ("malloc", 0), (",mlock=false", 0),
                             ("malloc,,mlock=0,", 0), ("s", HOLE | ZERO), ("sparse", HOLE | ZERO),
                             ("sparse,", HOLE | ZERO), ("sparse,,", HOLE | ZERO)] {
-            let a = create(spec, 1 << 20).unwrap_or_else(|e| panic!("{spec}: {e}"));
+            let a = create("memory", spec, 1 << 20).unwrap_or_else(|e| panic!("{spec}: {e}"));
             a.set_size_hint(1 << 20).unwrap();
             assert_eq!(extents_of(&*a, 0, 1 << 20), [(0, 1 << 20, typ)], "{spec}");
         }
@@ -163,7 +168,7 @@ mod tests {
             ("zstd", "allocator=zstd is not supported in this build"),
             ("z", "allocator=zstd is not supported in this build"),
         ] {
-            let e = create(spec, 1 << 20).err().unwrap_or_else(|| panic!("{spec} accepted"));
+            let e = create("memory", spec, 1 << 20).err().unwrap_or_else(|| panic!("{spec} accepted"));
             assert_eq!(e.message(), msg);
         }
     }

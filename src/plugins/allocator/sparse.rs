@@ -62,6 +62,9 @@ impl Node {
 pub struct Sparse {
     capacity: u64,
     root: Node,
+    /// `-D memory.dir=1` (or `data.dir`): log directory lookups and
+    /// insertions, nbdkit's `sparse_debug_dir`.
+    pub debug_dir: bool,
 }
 
 /// What [`Sparse::walk`] finds: a run of pages under an empty subtree, or
@@ -91,11 +94,22 @@ impl Sparse {
             shift += FANOUT_BITS;
         }
         let width = pages.div_ceil(1 << shift) as usize;
-        Ok(Sparse { capacity, root: Node::new(shift, width)? })
+        Ok(Sparse { capacity, root: Node::new(shift, width)?, debug_dir: false })
     }
 
     /// The slot of page `index`, if its leaf exists.
     fn slot(&self, index: u64) -> Option<&Slot> {
+        let found = self.find(index);
+        if self.debug_dir {
+            match found {
+                Some(_) => crate::debug!("lookup: search dir: entry found: page {index}"),
+                None => crate::debug!("lookup: search dir: no entry found: page {index}"),
+            }
+        }
+        found
+    }
+
+    fn find(&self, index: u64) -> Option<&Slot> {
         let mut node = &self.root;
         loop {
             match node {
@@ -119,6 +133,9 @@ impl Sparse {
                             // Allocate outside the OnceLock so that failure is
                             // an error; a racing thread's node may win instead.
                             let child = Node::new(shift - FANOUT_BITS, FANOUT)?;
+                            if self.debug_dir {
+                                crate::debug!("insert: inserted new directory node for page {index} at level {}", shift / FANOUT_BITS);
+                            }
                             cell.get_or_init(|| child)
                         }
                     };

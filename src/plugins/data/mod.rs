@@ -98,7 +98,7 @@ impl Plugin for Data {
         crate::debug!("implicit data size: {implicit}");
         let size = self.size.unwrap_or(implicit);
         crate::debug!("final size: {size}");
-        let alloc = allocator::create(&self.allocator, size)?;
+        let alloc = allocator::create("data", &self.allocator, size)?;
         alloc.set_size_hint(size)?;
         // malloc has no holes: every extent is data, as in nbdkit.
         let sparse = self.allocator_is_sparse();
@@ -391,7 +391,7 @@ impl Handle for DataHandle {
     }
 }
 
-// -D flags nbdkit's data plugin reads (the allocator's `dir` logging is not built).
+// -D flags nbdkit's data plugin reads (`dir`: the sparse allocator's directory).
 inventory::submit! {
     crate::backend::registry::DebugFlags { backend: "data", flags: &["AST", "dir"] }
 }
