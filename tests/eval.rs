@@ -275,3 +275,24 @@ for off in (0, 1, 2):
 "#,
     );
 }
+
+#[test]
+fn keys_with_dot_go_to_config_and_slash_or_leading_dot_are_not_keys() {
+    // As Debian's nbdkit: `a.b=1` is no method, so the user's config gets
+    // it; the core does not take `a/b=1` or `.x=1` as key=value at all
+    // (nothing may name a file outside $tmpdir).
+    let dir = TempDir::new("eval-keys");
+    let seen = dir.path("seen");
+    let config = format!("config=echo \"$2=$3\" >> {}", seen.display());
+    let out = nbdkit(&["eval", &config, "a.b=1", "open.x=2", "get_size=echo 1M", "--run", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read(&seen), "a.b=1\nopen.x=2\n");
+    for bad in ["a/b=1", ".x=1", "../get_size=echo 1M"] {
+        let out = nbdkit(&["eval", &config, bad, "get_size=echo 1M", "--run", "true"]);
+        assert!(!out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("nbdkit: expecting key=value on the command line but got: {bad}\n")
+        );
+    }
+}

@@ -888,3 +888,92 @@ fn a_script_cannot_see_the_servers_descriptors() {
         assert!(!listing.contains(bad), "{bad} leaked: {listing}");
     }
 }
+
+/// Connects to `srv` asking for `export`: `REFUSED` if the handshake
+/// fails, else `CONNECTED` then `MORE` or `STOPPED` after one read.
+fn connect_and_read(srv: &Server, export: &str) -> String {
+    python_ok(&format!(
+        "import nbd\nh = nbd.NBD()\nh.set_export_name({export:?})\n\
+         try:\n    h.connect_unix({:?})\nexcept nbd.Error:\n    print('REFUSED')\n    raise SystemExit\n\
+         print('CONNECTED')\ntry:\n    h.pread(512, 0)\n    print('MORE')\nexcept nbd.Error:\n    print('STOPPED')\n",
+        srv.sock.to_str().unwrap()
+    ))
+    .split_whitespace()
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+#[test]
+fn exit_6_to_8_act_in_the_handshake_too() {
+    require!("nbdsh", "--version");
+    let dir = TempDir::new("sh-exit68h");
+    // The export name says which negotiation call exits with which code;
+    // open hands it on as the handle.
+    let s = script(
+        &dir,
+        "d.sh",
+        "case \"$1\" in\n\
+         open) case \"$3\" in open*) exit ${3#open} ;; esac; echo \"$3\" ;;\n\
+         get_size) echo 1M ;;\n\
+         can_write|can_flush) case \"$2\" in $1*) exit ${2#$1} ;; esac; exit 0 ;;\n\
+         pread) head -c $3 /dev/zero ;; pwrite) cat >/dev/null ;;\n\
+         *) exit 2 ;; esac\n",
+    );
+    let mut srv = start(&["sh", s.to_str().unwrap()]);
+    assert_eq!(connect_and_read(&srv, "plain"), "CONNECTED MORE");
+    // 6: a hard disconnect, even though the call itself "succeeded".
+    assert_eq!(connect_and_read(&srv, "open6"), "REFUSED");
+    assert_eq!(connect_and_read(&srv, "can_flush6"), "REFUSED");
+    // 7: the call succeeds (can_write true), but no request is read.
+    assert_eq!(connect_and_read(&srv, "can_write7"), "CONNECTED STOPPED");
+    assert_eq!(connect_and_read(&srv, "open7"), "CONNECTED STOPPED");
+    // 8: an error, and a soft disconnect.
+    assert_eq!(connect_and_read(&srv, "open8"), "REFUSED");
+    srv.health_check();
+}
+
+#[test]
+fn a_script_hung_in_the_negotiation_is_killed_when_the_client_goes() {
+    require!("nbdsh", "--version");
+    let dir = TempDir::new("sh-p08h");
+    let pids = dir.path("pids");
+    let hang = format!("sleep 1000 & echo $$ $! >> {}; wait", pids.display());
+    let s = script(
+        &dir,
+        "h.sh",
+        &format!(
+            "case \"$1\" in\n\
+             open) if [ \"$3\" = open ]; then {hang}; fi; echo \"$3\" ;;\n\
+             get_size) if [ \"$2\" = get_size ]; then {hang}; fi; echo 1M ;;\n\
+             can_write) if [ \"$2\" = can_write ]; then {hang}; fi; exit 0 ;;\n\
+             pread) head -c $3 /dev/zero ;; *) exit 2 ;; esac\n"
+        ),
+    );
+    let mut srv = start(&["sh", s.to_str().unwrap()]);
+    srv.health_check();
+    for method in ["open", "get_size", "can_write"] {
+        let _ = std::fs::remove_file(&pids);
+        let mut client = Command::new("nbdsh")
+            .env("PATH", path_env())
+            .args(["-c", &format!("h.set_export_name({method:?}); h.connect_unix({:?})", srv.sock.to_str().unwrap())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read(&pids).is_empty() {
+            assert!(Instant::now() < deadline, "{method}: script never started");
+            thread::sleep(Duration::from_millis(20));
+        }
+        client.kill().unwrap();
+        client.wait().unwrap();
+        let ids: Vec<u32> = read(&pids).split_whitespace().map(|p| p.parse().unwrap()).collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // The script and its child are gone (the server keeps running).
+        while ids.iter().any(|&p| running(p)) {
+            assert!(Instant::now() < deadline, "{method}: {ids:?} still running after the client left");
+            thread::sleep(Duration::from_millis(20));
+        }
+        srv.health_check();
+    }
+}

@@ -90,7 +90,7 @@ where
     // Boxed: after STARTTLS they are replaced by streams through the TLS session.
     let (mut r, mut w): (DynRead, DynWrite) = (Box::new(s.reader), Box::new(s.writer));
     let mut link = None; // the TLS session, after STARTTLS
-    let handshake = handshake(&shared, &mut r, &mut w, &mut link);
+    let handshake = handshake(&shared, &mut r, &mut w, &mut link, s.fds.0);
     let quit = shared.quit.clone();
     // A client still negotiating when the server stops has a second to
     // send an option (answered with ERR_SHUTDOWN, see `handshake`), then
@@ -172,15 +172,23 @@ fn blocking_files(fds: (RawFd, RawFd)) -> std::io::Result<(std::fs::File, std::f
 type DynRead = Box<dyn AsyncRead + Unpin + Send>;
 type DynWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-async fn handshake(shared: &Arc<Shared>, r: &mut DynRead, w: &mut DynWrite, link: &mut Option<Arc<tls::Link>>) -> Result<Session, End> {
+async fn handshake(
+    shared: &Arc<Shared>,
+    r: &mut DynRead,
+    w: &mut DynWrite,
+    link: &mut Option<Arc<tls::Link>>,
+    fd: RawFd,
+) -> Result<Session, End> {
     let mut ex = ConnExports { shared: shared.clone(), handle: None, tls: false };
     if shared.oldstyle {
-        let info = blocking_open(&mut ex, "").await.map_err(|_| End::Closed)?;
+        let (info, soft) = blocking_open(&mut ex, "", fd).await;
+        let info = info.map_err(|_| End::Closed)?;
         let neg = Negotiation::new(shared.policy, 0, 0)?;
         let eflags = neg.eflags(&info.caps);
         crate::debug!("oldstyle negotiation: flags: global 0x0 export 0x{eflags:x}");
         w.write_all(&handshake::oldstyle(info.size, eflags)).await?;
         w.flush().await?;
+        soft_disconnect(soft);
         let handle = ex.handle.take().ok_or(End::Closed)?;
         return Ok(session(handle, &info, eflags, Mode::Simple, false, false));
     }
@@ -225,15 +233,15 @@ async fn handshake(shared: &Arc<Shared>, r: &mut DynRead, w: &mut DynWrite, link
             let fresh = ConnExports { shared: ex.shared.clone(), handle: None, tls: ex.tls };
             let mut moved = std::mem::replace(&mut ex, fresh);
             let ctx = log::context();
+            let client = client_fd(fd);
             let (n, e, o, step) = blocking::unblock(move || {
                 log::set_context(ctx);
                 let p = if dropped { Payload::Dropped } else { Payload::Bytes(&owned) };
                 // A panic in the plugin drops this client, not the server.
-                let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    neg.handle(h.option, p, &mut moved, &mut out)
-                }))
-                .unwrap_or(Step::Close);
-                (neg, moved, out, step)
+                let (step, soft) = with_client(client, || {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| neg.handle(h.option, p, &mut moved, &mut out)))
+                });
+                (neg, moved, out, (step.unwrap_or(Step::Close), soft))
             })
             .await;
             neg = n;
@@ -241,10 +249,12 @@ async fn handshake(shared: &Arc<Shared>, r: &mut DynRead, w: &mut DynWrite, link
             out = o;
             step
         } else {
-            neg.handle(h.option, p, &mut ex, &mut out)
+            (neg.handle(h.option, p, &mut ex, &mut out), None)
         };
+        let (step, soft) = step;
         w.write_all(&out).await?;
         w.flush().await?;
+        soft_disconnect(soft);
         if neg.start_tls {
             let Some(t) = tls::get() else { return Err(End::Closed) };
             *link = Some(tls::upgrade(t, r, w).await?);
@@ -286,20 +296,58 @@ fn session(handle: Box<dyn Handle>, info: &ExportInfo, eflags: u16, mode: Mode, 
     }
 }
 
-async fn blocking_open(ex: &mut ConnExports, name: &str) -> Result<ExportInfo, String> {
+/// Opens `name` off the executor; also returns the socket if the plugin
+/// asked for a soft disconnect ([`soft_disconnect`] once the reply is out).
+async fn blocking_open(ex: &mut ConnExports, name: &str, fd: RawFd) -> (Result<ExportInfo, String>, Option<std::os::fd::OwnedFd>) {
     let fresh = ConnExports { shared: ex.shared.clone(), handle: None, tls: ex.tls };
     let mut moved = std::mem::replace(ex, fresh);
     let name = name.to_string();
     let ctx = log::context();
+    let client = client_fd(fd);
     let (m, r) = blocking::unblock(move || {
         log::set_context(ctx);
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| moved.open(&name)))
-            .unwrap_or_else(|_| Err("open: internal error (panic)".to_string()));
-        (moved, r)
+        let (r, soft) = with_client(client, || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| moved.open(&name))));
+        let r = r.unwrap_or_else(|_| Err("open: internal error (panic)".to_string()));
+        (moved, (r, soft))
     })
     .await;
     *ex = m;
     r
+}
+
+/// A duplicate of the client's socket for a plugin call of the handshake,
+/// taken while the connection holds it: the call may outlive the
+/// handshake (a timeout, a shutdown), and must never watch or shut down a
+/// descriptor number reused by another connection.
+fn client_fd(fd: RawFd) -> Option<std::os::fd::OwnedFd> {
+    process::dup_fd(fd).ok()
+}
+
+/// Runs a plugin call of the handshake (open, get_size, can_*, list…)
+/// with the client's socket named, as data calls are
+/// (`shutdown::with_connection_fd`): a script that hangs there is killed
+/// when the client leaves, and `nbdkit_disconnect` (sh exit codes 6 to 8)
+/// reaches this connection.
+/// A soft disconnect asked for there is deferred: the socket comes back,
+/// to be shut for reading once the reply is sent ([`soft_disconnect`]).
+fn with_client<T>(client: Option<std::os::fd::OwnedFd>, f: impl FnOnce() -> T) -> (T, Option<std::os::fd::OwnedFd>) {
+    match client {
+        Some(c) => {
+            let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (r, soft) = shutdown::deferring_soft_disconnect(|| shutdown::with_connection_fd(&gone, c.as_raw_fd(), f));
+            (r, soft.then_some(c))
+        }
+        None => (f(), None),
+    }
+}
+
+/// A soft disconnect asked for by a plugin during the handshake, once its
+/// reply is out: no more is read from the client (nbdkit reads no request).
+fn soft_disconnect(client: Option<std::os::fd::OwnedFd>) {
+    if let Some(c) = client {
+        crate::debug!("soft disconnect: no more requests are read");
+        let _ = socket2::SockRef::from(&c).shutdown(std::net::Shutdown::Read);
+    }
 }
 
 /// Reads and drops `n` bytes.

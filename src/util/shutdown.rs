@@ -16,6 +16,7 @@ static WAKE: Condvar = Condvar::new();
 thread_local! {
     static CONN_GONE: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
     static CONN_FD: std::cell::Cell<Option<std::os::fd::RawFd>> = const { std::cell::Cell::new(None) };
+    static SOFT: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// True once shutdown has begun.
@@ -52,6 +53,29 @@ pub fn with_connection_fd<T>(gone: &Arc<AtomicBool>, fd: std::os::fd::RawFd, f: 
     let r = with_connection(gone, f);
     CONN_FD.with(|c| c.set(prev));
     r
+}
+
+/// Runs `f` (a plugin call of the handshake) so that a soft disconnect it
+/// asks for ([`defer_soft_disconnect`]) is only noted: the caller does it
+/// once its reply is sent (later calls of the same option must not see
+/// the client as gone). Returns whether one was asked for.
+pub fn deferring_soft_disconnect<T>(f: impl FnOnce() -> T) -> (T, bool) {
+    let prev = SOFT.with(|c| c.replace(Some(false)));
+    let r = f();
+    let asked = SOFT.with(|c| c.replace(prev)) == Some(true);
+    (r, asked)
+}
+
+/// For a soft disconnect: true if it is deferred (inside
+/// [`deferring_soft_disconnect`]), false if the caller must do it now.
+pub fn defer_soft_disconnect() -> bool {
+    SOFT.with(|c| {
+        let inside = c.get().is_some();
+        if inside {
+            c.set(Some(true));
+        }
+        inside
+    })
 }
 
 /// The client socket of the request this thread runs, if the server said
@@ -98,6 +122,16 @@ pub fn sleep(d: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_soft_disconnect_is_deferred_only_inside_the_scope() {
+        assert!(!defer_soft_disconnect());
+        let (r, asked) = deferring_soft_disconnect(|| 7);
+        assert_eq!((r, asked), (7, false));
+        let (r, asked) = deferring_soft_disconnect(defer_soft_disconnect);
+        assert!(r && asked);
+        assert!(!defer_soft_disconnect());
+    }
 
     #[test]
     fn sleep_ends_early_when_the_connection_goes() {

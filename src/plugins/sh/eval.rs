@@ -97,6 +97,12 @@ impl Eval {
         if given || engine.scripts.defined.contains_key(method) {
             return Err(Error::invalid(format!("method {method} defined more than once on the command line")));
         }
+        // nbdkit's guard: the name becomes a file in $tmpdir, so it must
+        // not leave it (known names never contain these; the core refuses
+        // `/` in keys, and a key with `.` goes to the user's config).
+        if method.contains(['.', '/']) {
+            return Err(Error::invalid(format!("method name {method} is invalid")));
+        }
         let script = write_script(&engine.tmpdir.join(method), text)?;
         if method == "missing" {
             engine.scripts.missing = script;

@@ -297,6 +297,10 @@ fn shutdown_server() {
 fn disconnect(force: bool) {
     if let Some(fd) = shutdown::connection_fd() {
         crate::debug!("script requested {} disconnect", if force { "hard" } else { "soft" });
+        // In the handshake, the server stops reading once its reply is sent.
+        if !force && shutdown::defer_soft_disconnect() {
+            return;
+        }
         let how = if force { libc::SHUT_RDWR } else { libc::SHUT_RD };
         // SAFETY: shutdown(2) of the connection's socket, open for the
         // whole request (ENOTSOCK under -s is harmless).
