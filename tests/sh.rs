@@ -977,3 +977,39 @@ fn a_script_hung_in_the_negotiation_is_killed_when_the_client_goes() {
         srv.health_check();
     }
 }
+
+/// A shutdown signal during start-up (here while `config_complete` runs)
+/// waits until the server can stop cleanly: it exits 0 and `$tmpdir` is
+/// removed, instead of dying by the signal's default action.
+#[test]
+fn sigterm_during_start_up_stops_cleanly() {
+    let dir = TempDir::new("sh-early-term");
+    let seen = dir.path("tmpdir");
+    let s = script(
+        &dir,
+        "t.sh",
+        &format!(
+            "case \"$1\" in load) echo \"$tmpdir\" > {s} ;; config_complete) sleep 1 ;; get_size) echo 1M ;; *) exit 2 ;; esac\n",
+            s = seen.display()
+        ),
+    );
+    let sock = dir.path("sock");
+    let mut child = std::process::Command::new(nbdkit_bin())
+        .args(["-f", "-U", sock.to_str().unwrap(), "sh", s.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while read_opt(&seen).is_none() {
+        assert!(std::time::Instant::now() < deadline, "load never ran");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let t = read(&seen).trim().to_string();
+    run_ok("kill", &["-TERM", &child.id().to_string()]);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!Path::new(&t).exists(), "{t} left behind");
+}
+
+fn read_opt(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p).ok().filter(|s| s.ends_with('\n'))
+}

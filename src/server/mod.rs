@@ -82,6 +82,7 @@ pub fn run(cfg: Config) -> i32 {
 }
 
 fn start(cfg: Config) -> Result<i32, String> {
+    process::mask_quit_signals(libc::SIG_BLOCK);
     // SAFETY-free: umask has no failure mode.
     set_umask();
     log::set_verbose(cfg.verbose);
@@ -249,6 +250,7 @@ fn start(cfg: Config) -> Result<i32, String> {
     let (tx, rx) = async_channel::bounded::<()>(1);
     let _ = QUIT.set(tx);
     process::watch_signals(quit).map_err(|e| format!("signals: {e}"))?;
+    process::mask_quit_signals(libc::SIG_UNBLOCK);
     let shared = Arc::new(Shared {
         chain,
         readonly: cfg.readonly,

@@ -93,6 +93,27 @@ pub fn ignore_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
+/// Blocks (`how` = SIG_BLOCK) or unblocks (SIG_UNBLOCK) SIGINT, SIGQUIT,
+/// SIGTERM and SIGHUP in the calling thread. The server blocks them from
+/// its first step until [`watch_signals`] is in place (after the fork), so
+/// a shutdown signal that comes during start-up waits and then stops the
+/// server cleanly instead of killing it by the default action (which
+/// would leave, say, the sh plugin's `$tmpdir` behind). Threads started
+/// meanwhile inherit the mask; children get a clean one from `Command`.
+#[allow(unsafe_code)]
+pub fn mask_quit_signals(how: libc::c_int) {
+    // SAFETY: a sigset_t built with sigemptyset/sigaddset, passed by
+    // pointer to pthread_sigmask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 /// Starts the thread that turns SIGINT, SIGQUIT, SIGTERM and SIGHUP into
 /// `on_quit()` (called once per signal).
 pub fn watch_signals(on_quit: impl Fn() + Send + 'static) -> io::Result<()> {
