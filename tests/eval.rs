@@ -5,64 +5,6 @@
 mod common;
 use common::*;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
-
-/// A server whose stderr goes to `dir/log` (with -v).
-fn start_logged(args: &[&str]) -> (Term, PathBuf) {
-    let dir = TempDir::new("evsrv");
-    let sock = dir.path("sock");
-    let log = dir.path("log");
-    let child = Command::new(nbdkit_bin())
-        .args(["--foreground", "-v", "--unix"])
-        .arg(&sock)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut srv = Term(Server { child, sock, dir });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&srv.sock).is_err() {
-        if let Ok(Some(st)) = srv.child.try_wait() {
-            panic!("nbdkit exited early: {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        thread::sleep(Duration::from_millis(10));
-    }
-    (srv, log)
-}
-
-/// A server stopped with SIGTERM at the end of the test (a SIGKILL, as
-/// `Server`'s drop sends, would leave the plugin's `$tmpdir` behind).
-struct Term(Server);
-
-impl std::ops::Deref for Term {
-    type Target = Server;
-    fn deref(&self) -> &Server {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Term {
-    fn deref_mut(&mut self) -> &mut Server {
-        &mut self.0
-    }
-}
-
-impl Drop for Term {
-    fn drop(&mut self) {
-        if self.0.alive() {
-            let _ = Command::new("kill").args(["-TERM", &self.0.child.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while self.0.alive() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
 
 fn start(args: &[&str]) -> Term {
     Term(Server::start(args))
@@ -196,7 +138,7 @@ fn dump_plugin_thread_model_and_help() {
 #[test]
 fn open_errors_reach_the_log_with_the_script_name() {
     require!("qemu-img", "--version");
-    let (mut srv, log) = start_logged(&[
+    let (mut srv, log) = start_logged_term(&[], &[
         "eval",
         "get_size=echo 1M",
         "pread=head -c $3 /dev/zero",

@@ -22,62 +22,6 @@ fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
     p
 }
 
-/// A server whose stderr goes to `dir/log` (with -v), for tests that read
-/// the server's messages.
-fn start_logged(opts: &[&str], args: &[&str]) -> (Term, PathBuf) {
-    let dir = TempDir::new("shsrv");
-    let sock = dir.path("sock");
-    let log = dir.path("log");
-    let child = Command::new(nbdkit_bin())
-        .args(["--foreground", "-v", "--unix"])
-        .arg(&sock)
-        .args(opts)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut srv = Term(Server { child, sock, dir });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&srv.sock).is_err() {
-        if let Ok(Some(st)) = srv.child.try_wait() {
-            panic!("nbdkit exited early: {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        thread::sleep(Duration::from_millis(10));
-    }
-    (srv, log)
-}
-
-/// A server stopped with SIGTERM at the end of the test (a SIGKILL, as
-/// `Server`'s drop sends, would leave the plugin's `$tmpdir` behind).
-struct Term(Server);
-
-impl std::ops::Deref for Term {
-    type Target = Server;
-    fn deref(&self) -> &Server {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Term {
-    fn deref_mut(&mut self) -> &mut Server {
-        &mut self.0
-    }
-}
-
-impl Drop for Term {
-    fn drop(&mut self) {
-        if self.0.alive() {
-            let _ = Command::new("kill").args(["-TERM", &self.0.child.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while self.0.alive() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
 fn start(args: &[&str]) -> Term {
     Term(Server::start(args))
 }
@@ -370,7 +314,7 @@ fn pread_errors(dir: &TempDir, cases: &[(u8, &str)]) -> (Vec<String>, String) {
              pread) case $4 in\n  0) head -c $3 /dev/zero ;;\n{arms}esac ;; *) exit 2 ;; esac\n"
         ),
     );
-    let (mut srv, log) = start_logged(&[], &["sh", s.to_str().unwrap()]);
+    let (mut srv, log) = start_logged_term(&[], &["sh", s.to_str().unwrap()]);
     let out = python_ok(&format!(
         "import nbd\nfor i in range(1, {n}):\n    h = nbd.NBD()\n    h.connect_uri({uri:?})\n    try:\n        h.pread(512, i * 512)\n        print('OK')\n    except nbd.Error as e:\n        print(e.errno)\n    del h\n",
         n = cases.len() + 1,
@@ -501,7 +445,7 @@ fn signals_and_bad_output_fail_the_request_not_the_server() {
          extents) echo 'not an extent' ;;\n\
          *) exit 2 ;; esac\n",
     );
-    let (mut srv, log) = start_logged(&[], &["sh", s.to_str().unwrap()]);
+    let (mut srv, log) = start_logged_term(&[], &["sh", s.to_str().unwrap()]);
     py(
         &srv,
         r#"
@@ -537,11 +481,11 @@ fn unparsable_can_fua_fails_the_handshake_only() {
         "f.sh",
         "case \"$1\" in get_size) echo 1M ;; can_write) exit 0 ;; can_fua) echo sometimes ;; pread) head -c $3 /dev/zero ;; *) exit 2 ;; esac\n",
     );
-    let (mut srv, log) = start_logged(&["-r"], &["sh", s.to_str().unwrap()]);
+    let (mut srv, log) = start_logged_term(&["-r"], &["sh", s.to_str().unwrap()]);
     // With -r can_fua is never asked.
     srv.health_check();
     drop(srv);
-    let (srv, log2) = start_logged(&[], &["sh", s.to_str().unwrap()]);
+    let (srv, log2) = start_logged_term(&[], &["sh", s.to_str().unwrap()]);
     let out = run("nbdinfo", &[&srv.uri()]);
     assert!(!out.status.success());
     assert!(read(&log2).contains("could not parse output from can_fua method: sometimes"), "{}", read(&log2));
@@ -558,7 +502,7 @@ fn pwrite_that_does_not_read_stdin() {
         "case \"$1\" in get_size) echo 64M ;; pread) head -c $3 /dev/zero ;; can_write) exit 0 ;;\n\
          pwrite) if [ $4 = 0 ]; then exit 0; else echo EIO did not read >&2; exit 1; fi ;; *) exit 2 ;; esac\n",
     );
-    let (mut srv, log) = start_logged(&[], &["sh", s.to_str().unwrap()]);
+    let (mut srv, log) = start_logged_term(&[], &["sh", s.to_str().unwrap()]);
     // nbdkit ≥ 1.36: EPIPE on stdin is ignored, the exit status decides.
     py(&srv, "h.pwrite(b'x' * (32 << 20), 0)\nfails('EIO', h.pwrite, b'x' * (32 << 20), 32 << 20)\n");
     let log = read(&log);
@@ -851,7 +795,7 @@ fn debug_lines_calling_and_completed() {
     require!("nbdinfo", "--version");
     let dir = TempDir::new("sh-dbg");
     let s = script(&dir, "d s.sh", "case \"$1\" in get_size) echo 1M ;; pread) head -c $3 /dev/zero ;; *) exit 2 ;; esac\n");
-    let (srv, log) = start_logged(&["-e", "a b"], &["sh", s.to_str().unwrap()]);
+    let (srv, log) = start_logged_term(&["-e", "a b"], &["sh", s.to_str().unwrap()]);
     run_ok("nbdinfo", &[&srv.uri_export("a%20b")]);
     let log = read(&log);
     let q = format!("\"{}\"", s.display());

@@ -311,3 +311,59 @@ pub fn read_chunk(s: &mut impl Read) -> (u16, u16, u64, Vec<u8>) {
 pub fn sha256(path: &Path) -> String {
     run_ok("sha256sum", &[path.to_str().unwrap()]).split_whitespace().next().unwrap().to_string()
 }
+
+/// A server whose stderr goes to `dir/log` (with -v), for tests that read
+/// the server's messages; stopped with SIGTERM when dropped.
+pub fn start_logged_term(opts: &[&str], args: &[&str]) -> (Term, PathBuf) {
+    let dir = TempDir::new("shsrv");
+    let sock = dir.path("sock");
+    let log = dir.path("log");
+    let child = Command::new(nbdkit_bin())
+        .args(["--foreground", "-v", "--unix"])
+        .arg(&sock)
+        .args(opts)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut srv = Term(Server { child, sock, dir });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&srv.sock).is_err() {
+        if let Ok(Some(st)) = srv.child.try_wait() {
+            panic!("nbdkit exited early: {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "server did not start");
+        thread::sleep(Duration::from_millis(10));
+    }
+    (srv, log)
+}
+
+/// A server stopped with SIGTERM at the end of the test (a SIGKILL, as
+/// `Server`'s drop sends, would leave the plugin's `$tmpdir` behind).
+pub struct Term(pub Server);
+
+impl std::ops::Deref for Term {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Term {
+    fn deref_mut(&mut self) -> &mut Server {
+        &mut self.0
+    }
+}
+
+impl Drop for Term {
+    fn drop(&mut self) {
+        if self.0.alive() {
+            let _ = Command::new("kill").args(["-TERM", &self.0.child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.0.alive() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
