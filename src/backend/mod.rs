@@ -162,6 +162,23 @@ pub struct Caps {
 }
 
 impl Caps {
+    /// A disk held in RAM (the memory, data and null plugins): everything
+    /// native. FUA and cache have nothing to do (every write is as durable
+    /// as it will get, the data is already in memory), and all connections
+    /// share the disk, so a flush on one covers all (multi-conn).
+    pub const RAM_DISK: Caps = Caps {
+        write: true,
+        flush: true,
+        rotational: false,
+        trim: true,
+        zero: Support::Native,
+        fast_zero: true,
+        extents: true,
+        fua: Support::Native,
+        multi_conn: true,
+        cache: Support::Native,
+    };
+
     /// nbdkit's knock-on rules: no write means no trim, zero, fast zero or FUA.
     pub fn normalized(mut self) -> Caps {
         if !self.write {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::allocator::{self, Allocator};
-use crate::backend::{BlockSize, Caps, Extents, Flags, Handle, Param, Plugin, PluginEntry, Support, ThreadModel};
+use crate::backend::{BlockSize, Caps, Extents, Flags, Handle, Param, Plugin, PluginEntry, ThreadModel};
 use crate::error::{Error, Result};
 use crate::util::parse::parse_size;
 
@@ -68,21 +68,7 @@ impl Handle for MemoryHandle {
         Ok(self.size)
     }
     fn caps(&self) -> Result<Caps> {
-        Ok(Caps {
-            write: true,
-            flush: true,
-            rotational: false,
-            trim: true,
-            zero: Support::Native,
-            fast_zero: true,
-            extents: true,
-            // Nothing to persist: every write is as durable as it will get.
-            fua: Support::Native,
-            // All connections share the disk, so a flush on one covers all.
-            multi_conn: true,
-            // Native without work: the data is already in RAM.
-            cache: Support::Native,
-        })
+        Ok(Caps::RAM_DISK)
     }
     fn block_size(&self) -> Result<Option<BlockSize>> {
         Ok(Some(self.disk.block_size()))
@@ -149,6 +135,7 @@ inventory::submit! {
 mod tests {
     use super::*;
     use crate::backend::extents::{HOLE, ZERO};
+    use crate::backend::Support;
 
     fn ready(params: &[(&str, &str)]) -> Result<Memory> {
         let mut m = Memory::default();

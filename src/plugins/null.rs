@@ -1,6 +1,6 @@
 //! `null`: a disk of any size that reads as zeroes and discards writes.
 
-use crate::backend::{extents, Caps, Extents, Flags, Handle, Param, Plugin, PluginEntry, Support, ThreadModel};
+use crate::backend::{extents, Caps, Extents, Flags, Handle, Param, Plugin, PluginEntry, ThreadModel};
 use crate::error::Result;
 use crate::util::parse::parse_size;
 
@@ -32,19 +32,7 @@ impl Handle for NullHandle {
         Ok(self.size)
     }
     fn caps(&self) -> Result<Caps> {
-        Ok(Caps {
-            write: true,
-            flush: true,
-            rotational: false,
-            trim: true,
-            zero: Support::Native,
-            fast_zero: true,
-            extents: true,
-            fua: Support::Native,
-            multi_conn: true,
-            // Native without work: nbdkit does "the correct no-op".
-            cache: Support::Native,
-        })
+        Ok(Caps::RAM_DISK)
     }
     fn blocks(&self) -> bool {
         false

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::allocator::{self, Allocator};
 use crate::backend::extents::{HOLE, ZERO};
-use crate::backend::{BlockSize, Caps, Extents, Flags, Handle, Param, Plugin, PluginEntry, Support, ThreadModel};
+use crate::backend::{BlockSize, Caps, Extents, Flags, Handle, Param, Plugin, PluginEntry, ThreadModel};
 use crate::error::{Error, Result};
 use crate::util::parse::parse_size;
 use eval::{Evaluated, PAGE};
@@ -333,18 +333,7 @@ impl Handle for DataHandle {
         Ok(self.disk.size)
     }
     fn caps(&self) -> Result<Caps> {
-        Ok(Caps {
-            write: true,
-            flush: true,
-            rotational: false,
-            trim: true,
-            zero: Support::Native,
-            fast_zero: true,
-            extents: true,
-            fua: Support::Native,
-            multi_conn: true,
-            cache: Support::Native,
-        })
+        Ok(Caps::RAM_DISK)
     }
     fn block_size(&self) -> Result<Option<BlockSize>> {
         Ok(Some(self.disk.alloc.block_size()))
