@@ -159,6 +159,17 @@ fn with_block<R>(bs: u64, f: impl FnOnce(&mut [u8]) -> Result<R>) -> Result<R> {
     })
 }
 
+/// A stretch of blocks in one state, as [`CowHandle::each_run`] gives it.
+struct Run {
+    /// The blocks' state.
+    state: u8,
+    /// The first block and the one after the last.
+    blk: u64,
+    end: u64,
+    /// Where the run's part of the request starts (inside block `blk`).
+    pos: u64,
+}
+
 struct CowHandle {
     next: Box<dyn Handle>,
     ov: Arc<Overlay>,
@@ -190,6 +201,34 @@ impl CowHandle {
             }
             _ => self.read_plugin(block, off),
         }
+    }
+
+    /// Walks `buf` (the bytes at `offset`) run by run: each run is a
+    /// stretch of blocks in one state, handed to `f` with its part of `buf`;
+    /// the first error stops the walk.
+    fn each_run<E>(
+        &self,
+        states: &States<'_>,
+        buf: &mut [u8],
+        offset: u64,
+        mut f: impl FnMut(Run, &mut [u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = self.ov.bs;
+        let end = offset + buf.len() as u64;
+        let last = self.ov.block(end - 1);
+        let mut pos = offset;
+        while pos < end {
+            let blk = self.ov.block(pos);
+            let run_end = states.run_end(blk, last);
+            let hi = end.min(run_end * bs);
+            let out = &mut buf[(pos - offset) as usize..(hi - offset) as usize];
+            f(Run { state: states.get(blk), blk, end: run_end, pos }, out)?;
+            pos = hi;
+        }
+        Ok(())
     }
 
     fn copy_on_read(&self) -> bool {
@@ -374,70 +413,41 @@ impl Handle for CowHandle {
     }
 
     fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
-        if buf.is_empty() || matches!(self.cfg.on_read, OnRead::Always) {
+        if matches!(self.cfg.on_read, OnRead::Always) {
             return None;
         }
-        let bs = self.ov.bs;
         let states = self.ov.states();
-        let end = offset + buf.len() as u64;
-        let last = self.ov.block(end - 1);
-        let mut pos = offset;
-        while pos < end {
-            let blk = self.ov.block(pos);
-            let st = states.get(blk);
-            let run_end = states.run_end(blk, last);
-            let hi = end.min(run_end * bs);
-            let out = &mut buf[(pos - offset) as usize..(hi - offset) as usize];
-            match st {
-                ALLOCATED => {
-                    if !self.ov.read_nowait(out, pos) {
-                        return None;
-                    }
+        // Err(()): this part would wait (or fail: pread reports it).
+        let walked: std::result::Result<(), ()> = self.each_run(&states, buf, offset, |run, out| {
+            let done = match run.state {
+                ALLOCATED => self.ov.read_nowait(out, run.pos),
+                TRIMMED => {
+                    out.fill(0);
+                    true
                 }
-                TRIMMED => out.fill(0),
-                _ => {
-                    if self.copy_on_read() {
-                        return None;
-                    }
-                    match self.next.pread_nowait(out, pos)? {
-                        Ok(()) => {}
-                        Err(_) => return None, // pread reports it
-                    }
-                }
-            }
-            pos = hi;
-        }
-        Some(Ok(()))
+                _ => !self.copy_on_read() && matches!(self.next.pread_nowait(out, run.pos), Some(Ok(()))),
+            };
+            if done { Ok(()) } else { Err(()) }
+        });
+        walked.ok().map(Ok)
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let bs = self.ov.bs;
         let states = self.ov.states();
-        let end = offset + buf.len() as u64;
-        let last = self.ov.block(end - 1);
-        let mut pos = offset;
-        while pos < end {
-            let blk = self.ov.block(pos);
-            let st = states.get(blk);
-            let run_end = states.run_end(blk, last);
-            let hi = end.min(run_end * bs);
-            let out = &mut buf[(pos - offset) as usize..(hi - offset) as usize];
-            match st {
-                ALLOCATED => self.ov.read_at(out, pos)?,
-                TRIMMED => out.fill(0),
-                _ => {
-                    self.read_plugin(out, pos)?;
-                    if self.copy_on_read() {
-                        self.copy_up_run(&states, blk, run_end, pos, out)?;
-                    }
-                }
+        self.each_run(&states, buf, offset, |run, out| match run.state {
+            ALLOCATED => self.ov.read_at(out, run.pos),
+            TRIMMED => {
+                out.fill(0);
+                Ok(())
             }
-            pos = hi;
-        }
-        Ok(())
+            _ => {
+                self.read_plugin(out, run.pos)?;
+                if self.copy_on_read() {
+                    self.copy_up_run(&states, run.blk, run.end, run.pos, out)?;
+                }
+                Ok(())
+            }
+        })
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
