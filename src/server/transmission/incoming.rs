@@ -57,7 +57,11 @@ pub(super) fn read_one(conn: &Conn, r: &mut BufReader<Input>) -> Next {
     if let Err(e) = got {
         if shutdown::requested() {
             crate::debug!("server is shutting down, closing connection");
-        } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            // The server's own shutdown(SHUT_RD) (`stop_all`), not the
+            // client: requests in flight run to the end and reply.
+            return Next::Stop { hung_up: false };
+        }
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
             crate::debug!("client closed input socket, closing connection");
         } else {
             crate::debug!("read request: {e}, closing connection");
