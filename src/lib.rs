@@ -13,6 +13,9 @@ pub mod backend;
 pub mod cli;
 pub mod error;
 pub mod filters;
+// The fuzz targets' and property tests' entry points: not in production
+// builds (feature `fuzzing`, on in `cargo test` through a dev-dependency).
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod man;
 pub mod plugins;

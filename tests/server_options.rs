@@ -400,7 +400,7 @@ fn tcp_port_and_ipaddr_with_nbdinfo_and_qemu_img() {
 }
 
 /// Over TCP a big WRITE's payload is read with the socket's low mark set
-/// to its size (transmission.rs, `read_into`). The payload here comes in
+/// to its size (transmission/write.rs, `read_into`). The payload here comes in
 /// two parts, the first exactly as big as the kernel lets that mark be
 /// (half the biggest receive buffer), then a pause, then the last 60 KiB
 /// and nothing more until the reply: each read after the first must ask

@@ -58,9 +58,15 @@ pub fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) {
     EXECUTOR.spawn(f).detach();
 }
 
-/// Begins a clean shutdown: stop accepting, end idle connections.
+/// Begins a clean shutdown: stop accepting, end idle connections (the
+/// same as a plugin's `nbdkit_shutdown`, [`shutdown::request`]).
 pub fn quit() {
     shutdown::request();
+}
+
+/// What [`shutdown::request`] does once the server serves: stop accepting
+/// and stop every connection from reading requests.
+fn stop_serving() {
     transmission::stop_all();
     if let Some(tx) = QUIT.get() {
         tx.close();
@@ -249,6 +255,9 @@ fn start(cfg: Config) -> Result<i32, String> {
 
     let (tx, rx) = async_channel::bounded::<()>(1);
     let _ = QUIT.set(tx);
+    // From here a shutdown request (a signal, a plugin) stops the server;
+    // one that came earlier (a plugin's `config`) does it now.
+    shutdown::on_request(stop_serving);
     process::watch_signals(quit).map_err(|e| format!("signals: {e}"))?;
     process::mask_quit_signals(libc::SIG_UNBLOCK);
     let shared = Arc::new(Shared {

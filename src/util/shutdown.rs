@@ -1,6 +1,7 @@
-//! Server-wide shutdown: a flag set by signals (or `request`), and sleeps
-//! that end early when it is set or when the client of the current
-//! connection has gone (nbdkit's `nbdkit_nanosleep`).
+//! Server-wide shutdown: [`request`] (nbdkit's `nbdkit_shutdown`, and
+//! what a signal does), and sleeps that end early when it has begun or
+//! when the client of the current connection has gone (nbdkit's
+//! `nbdkit_nanosleep`).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, ErrorKind, Result};
 
 static QUIT: AtomicBool = AtomicBool::new(false);
+/// How the server stops serving, once it serves ([`on_request`]).
+static STOP: Mutex<Option<fn()>> = Mutex::new(None);
 static LOCK: Mutex<()> = Mutex::new(());
 static WAKE: Condvar = Condvar::new();
 
@@ -24,10 +27,35 @@ pub fn requested() -> bool {
     QUIT.load(Ordering::Acquire)
 }
 
-/// Begin shutdown and wake every sleeper.
+/// Begins the server's graceful shutdown, from any thread (a plugin's
+/// `nbdkit_shutdown`, the signal thread): the flag is set and every sleeper
+/// wakes; once the server serves, it stops accepting and reading requests,
+/// lets those in flight finish within its grace period, cleans up (the
+/// chain's `cleanup`) and exits 0. Asked before the server serves (a
+/// plugin's `config`), the flag waits for it: it stops as soon as it
+/// starts. Returns at once: the shutdown goes on in the server's threads.
 pub fn request() {
     QUIT.store(true, Ordering::Release);
     wake_sleepers();
+    let stop = *STOP.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(stop) = stop {
+        stop();
+    }
+}
+
+/// Called by the server once it serves: `stop` (stop accepting, stop
+/// reading requests) runs on every later [`request`], and now if one came
+/// before. `stop` must not call [`request`].
+pub fn on_request(stop: fn()) {
+    let mut g = STOP.lock().unwrap_or_else(|e| e.into_inner());
+    *g = Some(stop);
+    // Under the lock: a `request` that did not see `stop` has set the flag
+    // before taking the lock, so it is seen here.
+    let already = requested();
+    drop(g);
+    if already {
+        stop();
+    }
 }
 
 /// Wake every sleeper so it re-checks its conditions (a connection closed).

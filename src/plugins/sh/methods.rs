@@ -271,23 +271,12 @@ pub fn answer(script: &Script, done: Done) -> Result<Answer> {
     }
 }
 
-/// `nbdkit_shutdown()`: the same path as a SIGTERM once the server
-/// watches signals; before that (a script exiting 4 in `config` or
-/// `dump_plugin`) only the shutdown flag is set, as SIGTERM would kill us.
-#[allow(unsafe_code)]
+/// `nbdkit_shutdown()`: the server's graceful shutdown, from this thread
+/// (before the server serves, as in `config`, it only takes effect once
+/// the server starts; `--dump-plugin` just ends).
 fn shutdown_server() {
     crate::debug!("script requested server shutdown");
     shutdown::request();
-    // SAFETY: sigaction(2) only reads the current disposition into `old`.
-    let handled = unsafe {
-        let mut old: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(libc::SIGTERM, std::ptr::null(), &mut old) == 0 && old.sa_sigaction != libc::SIG_DFL
-    };
-    if handled {
-        // SAFETY: kill(2) of our own process; the server's signal thread
-        // turns SIGTERM into a clean shutdown.
-        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
-    }
 }
 
 /// `nbdkit_disconnect(force)` for the connection of the running request:
