@@ -772,11 +772,17 @@ fn psk_nbdcopy_round_trip() {
         let mut r = std::fs::File::open("/dev/urandom").unwrap().take(32 << 20);
         std::io::copy(&mut r, &mut f).unwrap();
     }
-    let srv = Server::start_with(&["--tls=require", "--tls-psk", s(&keys)], &["memory", "32M"]);
+    let (srv, log) = start_logged_term(&["--tls=require", "--tls-psk", s(&keys), "-D", "nbdkit.tls.session=1"], &["memory", "32M"]);
     let uri = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", srv.sock.display(), keys.display());
     run_ok("nbdcopy", &[s(&src), &uri]);
     run_ok("nbdcopy", &[&uri, s(&out)]);
     assert_eq!(sha256(&src), sha256(&out));
+    // Every connection (nbdcopy opens several) was TLS 1.3 with ECDHE.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let sessions = text.matches("debug: TLS session: ").count();
+    assert!(sessions >= 2, "{text}");
+    assert_eq!(text.matches("debug: TLS session: (TLS1.3)--(AES-128-GCM)\n").count(), sessions, "{text}");
+    assert_eq!(text.matches("debug: TLS: PSK key exchange: psk_dhe_ke (ECDHE)\n").count(), sessions, "{text}");
 }
 
 // ---------------------------------------------------------------------------
