@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::tls::stream::{Input, Output};
-use super::{brief, nap, splice, Shared};
+use super::{brief, nap, Shared};
 use crate::backend::{Extents, Flags, Handle, ThreadModel};
 use crate::error::{Error, ErrorKind};
 use crate::proto::reply::{self, Mode};
@@ -325,9 +325,6 @@ enum Next {
     /// A big WRITE on a handle that never blocks, its payload still to
     /// be read: straight into the plugin's storage if it can.
     Fill(Request, Budget),
-    /// A big WRITE without FUA on a handle that gives its file, its
-    /// payload still to be read: spliced into the file (splice.rs).
-    Splice(Request, Budget),
     /// Handled already (an error reply was sent).
     Again,
     /// Stop reading: EOF, DISC, a protocol error or a broken socket.
@@ -339,8 +336,6 @@ fn worker(conn: Arc<Conn>) {
     // Replies of requests run under the read lock, not written yet.
     let mut pending: Vec<u8> = Vec::new();
     let mut batch = nap::Batch::default();
-    // The staging pipe of spliced WRITEs, made at the first.
-    let mut pipe: Option<splice::Pipe> = None;
     nap::precise_sleeps();
     'outer: loop {
         conn.waiting.fetch_add(1, Ordering::AcqRel);
@@ -363,7 +358,7 @@ fn worker(conn: Arc<Conn>) {
             }
             let next = read_one(&conn, &mut r);
             match &next {
-                Next::Run(req, ..) | Next::RunBuffered(req, ..) | Next::Fill(req, ..) | Next::Splice(req, ..) => {
+                Next::Run(req, ..) | Next::RunBuffered(req, ..) | Next::Fill(req, ..) => {
                     batch.saw(matches!(req.cmd, cmd::READ | cmd::WRITE), req.count)
                 }
                 Next::Again => batch.saw(false, 0),
@@ -396,21 +391,6 @@ fn worker(conn: Arc<Conn>) {
                     };
                     drop(budget);
                     if !ok {
-                        break 'outer;
-                    }
-                }
-                Next::Splice(req, budget) => {
-                    let t = Instant::now();
-                    let reply = write_spliced(&conn, &mut r, &req, &mut pipe);
-                    drop(budget);
-                    let Some(reply) = reply else {
-                        // The payload was cut off: nothing was written.
-                        conn.stop.store(true, Ordering::Release);
-                        conn.gone.store(true, Ordering::Release);
-                        shutdown::wake_sleepers();
-                        break 'outer;
-                    };
-                    if !ran_brief(&conn, &mut batch, &mut pending, &req, t, reply) {
                         break 'outer;
                     }
                 }
@@ -993,81 +973,6 @@ fn write_filled(conn: &Conn, r: &mut BufReader<Input>, req: &Request) -> Option<
     Some(error_reply(req, conn.mode, code))
 }
 
-/// Runs a big WRITE whose payload is still unread by splicing it into the
-/// handle's file (`Handle::pwrite_fd`): staged whole in the worker's pipe
-/// first, then moved into the page cache, so a payload cut off never
-/// reaches the file. If the handle gives no file or the pipe is too small
-/// (or fills up: the socket's data came in pieces smaller than a page),
-/// the payload goes through a buffer and `pwrite` as usual. `None` if the
-/// client hung up mid-payload or the socket broke.
-fn write_spliced(conn: &Conn, r: &mut BufReader<Input>, req: &Request, pipe: &mut Option<splice::Pipe>) -> Option<Reply> {
-    let n = req.count as usize;
-    let target = shutdown::catch_panic("pwrite", || Ok(conn.handle.pwrite_fd(n, req.offset))).ok().flatten();
-    if target.is_some() && pipe.is_none() {
-        *pipe = splice::Pipe::new().ok();
-    }
-    let (Some((fd, off)), Some(p)) = (target, pipe.as_ref().filter(|p| p.cap >= n)) else {
-        return write_copied(conn, r, req, &[]);
-    };
-    let buffered = r.buffer().len().min(n);
-    let staged = p.stage(conn.read_fd, &r.buffer()[..buffered], n);
-    r.consume(buffered);
-    match staged {
-        splice::Staged::Whole => {}
-        splice::Staged::Cut => {
-            *pipe = None; // (and what it holds)
-            return None;
-        }
-        splice::Staged::Full(got) => {
-            let mut head = match conn.pool.get(got) {
-                Ok(b) => b,
-                Err(_) => {
-                    *pipe = None;
-                    return None;
-                }
-            };
-            let drained = p.drain_into(&mut head[..got]);
-            if !drained {
-                *pipe = None;
-                return None;
-            }
-            let reply = write_copied(conn, r, req, &head[..got]);
-            conn.pool.put(head);
-            return reply;
-        }
-    }
-    let e = match p.commit(fd, off, n) {
-        Ok(()) => 0,
-        Err(e) => {
-            *pipe = None; // what did not go out stays behind in it
-            failed(req, &Error::os(format_args!("pwrite: splice: offset={} count={n}", req.offset), e))
-        }
-    };
-    Some(error_reply(req, conn.mode, e))
-}
-
-/// A WRITE whose payload's first bytes are `head` (already read) and the
-/// rest still unread: read into a buffer and run as usual. `None` if the
-/// payload was cut off.
-fn write_copied(conn: &Conn, r: &mut BufReader<Input>, req: &Request, head: &[u8]) -> Option<Reply> {
-    let n = req.count as usize;
-    let mut payload = match conn.pool.get(n) {
-        Ok(p) => p,
-        Err(e) => {
-            discard(r, (n - head.len()) as u64).ok()?;
-            return Some(error_reply(req, conn.mode, failed(req, &e)));
-        }
-    };
-    payload[..head.len()].copy_from_slice(head);
-    if !read_into(conn, r, &mut [&mut payload[head.len()..n]]) {
-        conn.pool.put(payload);
-        return None;
-    }
-    let reply = execute(&*conn.handle, req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
-    conn.pool.put(payload);
-    Some(reply)
-}
-
 /// Fills `bufs` from the connection: what is buffered first, then straight
 /// from the socket. False on EOF or a broken socket.
 fn read_into(conn: &Conn, r: &mut BufReader<Input>, bufs: &mut [&mut [u8]]) -> bool {
@@ -1261,10 +1166,6 @@ fn read_one(conn: &Conn, r: &mut BufReader<Input>) -> Next {
     let brief = conn.brief && conn.quick.turn(brief::quick(&req));
     if (conn.inline && req.count <= INLINE_MAX || brief) && plen > 0 && r.buffer().len() >= plen as usize {
         return Next::RunBuffered(req, budget);
-    }
-    // A quick big WRITE on a file: its payload spliced into the page cache.
-    if brief && conn.splice && req.cmd == cmd::WRITE && req.flags & cmdflag::FUA == 0 && plen >= SPLICE_MIN {
-        return Next::Splice(req, budget);
     }
     // (Not under serialize_all_requests: the payload would be read with
     // every other connection waiting.)
