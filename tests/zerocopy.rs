@@ -406,12 +406,12 @@ fn round_trips_of_512_mib_keep_their_checksums() {
     assert_eq!(sha256(&out2), want, "copied out over TCP");
 }
 
-/// Big WRITEs of the file plugin are spliced into the page cache once
-/// their whole payload has arrived: the data lands right (Unix and TCP,
-/// payloads that fit the staging pipe and bigger ones, which are copied),
-/// and a payload cut off by the client never reaches the file (T25).
+/// Big WRITEs of the file plugin (copied: the spliced path was removed,
+/// docs/performance.md "round 3") land whole when their payload comes in
+/// pieces (Unix and TCP, 128 KiB to 4 MiB), and a payload cut off by the
+/// client never reaches the file (T25).
 #[test]
-fn spliced_writes_land_whole_and_a_cut_payload_never_reaches_the_file() {
+fn big_writes_land_whole_and_a_cut_payload_never_reaches_the_file() {
     let dir = TempDir::new("zc-write");
     let size = 16 * MIB;
     let (path, _f) = sparse_file(&dir, 0, size);

@@ -218,17 +218,6 @@ impl Handle for Checked {
         self.with_fua(flags, |f| self.inner.pwrite(buf, offset, f))
     }
 
-    fn pwrite_fd(&self, count: usize, offset: u64) -> Option<(std::os::fd::RawFd, u64)> {
-        // Refused: the usual path reports it.
-        self.writable().ok()?;
-        self.range(count as u64, offset, ErrorKind::NoSpace).ok()?;
-        let r = self.inner.pwrite_fd(count, offset);
-        if r.is_some() {
-            trace!(self, "pwrite count={} offset={} fua=0", count, offset);
-        }
-        r
-    }
-
     fn pwrite_fill(&self, count: usize, offset: u64, flags: Flags,
                    fill: &mut dyn FnMut(&mut [&mut [u8]]) -> bool) -> Option<Result<()>> {
         if let Err(e) = self.writable().and_then(|()| self.range(count as u64, offset, ErrorKind::NoSpace)) {

@@ -255,14 +255,6 @@ pub trait Handle: Send + Sync {
     fn pread_fd(&self, _count: usize, _offset: u64, _cached_only: bool) -> Option<(std::os::fd::RawFd, u64)> {
         None
     }
-    /// Zero-copy write into a file: the descriptor and file offset where
-    /// `[offset, offset+count)` of a WRITE without FUA goes, for the server
-    /// to `splice` the payload into once all of it has arrived (a payload
-    /// cut off never reaches the file). `None` if the layer cannot (the
-    /// server then calls `pwrite`). Filters never forward it.
-    fn pwrite_fd(&self, _count: usize, _offset: u64) -> Option<(std::os::fd::RawFd, u64)> {
-        None
-    }
     /// Zero-copy write: hands `fill` fresh storage for `[offset,
     /// offset+count)` as slices to fill (the server reads the payload
     /// straight into them) and makes it the data only if `fill` returns

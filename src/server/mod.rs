@@ -5,7 +5,6 @@ pub mod connection;
 pub mod listen;
 mod nap;
 mod brief;
-mod splice;
 pub mod process;
 pub mod service;
 pub mod tls;

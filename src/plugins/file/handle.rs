@@ -364,15 +364,6 @@ impl Handle for FileHandle {
         Some((self.file.as_raw_fd(), offset))
     }
 
-    /// The file, for a WRITE's payload spliced into the page cache (not
-    /// with cache=none: those writes are tracked for eviction).
-    fn pwrite_fd(&self, _count: usize, offset: u64) -> Option<(RawFd, u64)> {
-        if self.evict.is_some() || !self.can_write {
-            return None;
-        }
-        Some((self.file.as_raw_fd(), offset))
-    }
-
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         let mut done = 0;
         while done < buf.len() {

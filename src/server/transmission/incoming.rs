@@ -11,12 +11,11 @@ use std::sync::atomic::Ordering;
 
 use super::buffers::Budget;
 use super::output::{error_reply, send, HOLD_MAX};
-use super::read::SPLICE_MIN;
 use super::worker::INLINE_MAX;
 use super::write::read_into;
 use super::Conn;
 use crate::proto::request::{self, Request, EXT_REQUEST_LEN};
-use crate::proto::wire::{cmd, cmdflag, errno, MAX_REQUEST_SIZE};
+use crate::proto::wire::{cmd, errno, MAX_REQUEST_SIZE};
 use crate::server::brief;
 use crate::server::tls::stream::Input;
 use crate::util::shutdown;
@@ -33,9 +32,6 @@ pub(super) enum Next {
     /// A big WRITE on a handle that never blocks, its payload still to
     /// be read: straight into the plugin's storage if it can.
     Fill(Request, Budget),
-    /// A big WRITE without FUA on a handle that gives its file, its
-    /// payload still to be read: spliced into the file (splice.rs).
-    Splice(Request, Budget),
     /// Handled already (an error reply was sent).
     Again,
     /// Stop reading: EOF, DISC, a protocol error or a broken socket.
@@ -123,10 +119,6 @@ pub(super) fn read_one(conn: &Conn, r: &mut BufReader<Input>) -> Next {
     let brief = conn.brief && conn.quick.turn(brief::quick(&req));
     if (conn.inline && req.count <= INLINE_MAX || brief) && plen > 0 && r.buffer().len() >= plen as usize {
         return Next::RunBuffered(req, budget);
-    }
-    // A quick big WRITE on a file: its payload spliced into the page cache.
-    if brief && conn.splice && req.cmd == cmd::WRITE && req.flags & cmdflag::FUA == 0 && plen >= SPLICE_MIN {
-        return Next::Splice(req, budget);
     }
     // (Not under serialize_all_requests: the payload would be read with
     // every other connection waiting.)

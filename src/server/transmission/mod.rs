@@ -19,7 +19,7 @@
 //! * `execute.rs`: running a request on the handle and building its reply;
 //! * `read.rs`: the READ paths (lent pages, `sendfile`, `RWF_NOWAIT`,
 //!   copying READs, the header of a READ reply);
-//! * `write.rs`: the WRITE paths (filled and spliced payloads, payload
+//! * `write.rs`: the WRITE paths (filled payloads, payload
 //!   reads, with the TCP low mark);
 //! * `buffers.rs`: the buffer pool and the server-wide byte budget;
 //! * `output.rs`: replies and the writing side (held-back replies,

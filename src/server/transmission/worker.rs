@@ -18,11 +18,11 @@ use super::execute::execute;
 use super::incoming::{read_one, Next};
 use super::output::{broken, flush, hold_or_send, send, Reply, HOLD_MAX};
 use super::read::{read_held, read_lent, read_nowait, read_spliced, NOWAIT_MAX, SPLICE_MIN};
-use super::write::{write_filled, write_spliced};
+use super::write::write_filled;
 use super::Conn;
 use crate::proto::request::Request;
 use crate::proto::wire::cmd;
-use crate::server::{nap, splice};
+use crate::server::nap;
 use crate::util::{log, shutdown};
 
 pub(super) fn spawn_worker(conn: &Arc<Conn>) {
@@ -41,8 +41,6 @@ fn worker(conn: Arc<Conn>) {
     // Replies of requests run under the read lock, not written yet.
     let mut pending: Vec<u8> = Vec::new();
     let mut batch = nap::Batch::default();
-    // The staging pipe of spliced WRITEs, made at the first.
-    let mut pipe: Option<splice::Pipe> = None;
     nap::precise_sleeps();
     'outer: loop {
         conn.waiting.fetch_add(1, Ordering::AcqRel);
@@ -65,7 +63,7 @@ fn worker(conn: Arc<Conn>) {
             }
             let next = read_one(&conn, &mut r);
             match &next {
-                Next::Run(req, ..) | Next::RunBuffered(req, ..) | Next::Fill(req, ..) | Next::Splice(req, ..) => {
+                Next::Run(req, ..) | Next::RunBuffered(req, ..) | Next::Fill(req, ..) => {
                     batch.saw(matches!(req.cmd, cmd::READ | cmd::WRITE), req.count)
                 }
                 Next::Again => batch.saw(false, 0),
@@ -98,21 +96,6 @@ fn worker(conn: Arc<Conn>) {
                     };
                     drop(budget);
                     if !ok {
-                        break 'outer;
-                    }
-                }
-                Next::Splice(req, budget) => {
-                    let t = Instant::now();
-                    let reply = write_spliced(&conn, &mut r, &req, &mut pipe);
-                    drop(budget);
-                    let Some(reply) = reply else {
-                        // The payload was cut off: nothing was written.
-                        conn.stop.store(true, Ordering::Release);
-                        conn.gone.store(true, Ordering::Release);
-                        shutdown::wake_sleepers();
-                        break 'outer;
-                    };
-                    if !ran_brief(&conn, &mut batch, &mut pending, &req, t, reply) {
                         break 'outer;
                     }
                 }

@@ -1,13 +1,12 @@
 //! The WRITE paths whose payload is still in the socket when the request
 //! is dispatched: read straight into fresh storage the plugin hands out
-//! (`Handle::pwrite_fill`, the memory plugin), or spliced into the
-//! page cache (`Handle::pwrite_fd`, the file plugin, through splice.rs),
-//! else into a pooled buffer for `pwrite`. In every case a payload cut
+//! (`Handle::pwrite_fill`, the memory plugin), else into a pooled buffer
+//! for `pwrite`. In every case a payload cut
 //! off by the client reaches nothing (bad-input T25). Also the payload
 //! reads themselves ([`read_into`]), which over TCP wait for a big
 //! payload to arrive whole with the socket's low mark.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::os::fd::RawFd;
 
 use super::execute::{execute, failed};
@@ -18,7 +17,6 @@ use crate::backend::Flags;
 use crate::error::{Error, ErrorKind};
 use crate::proto::request::Request;
 use crate::proto::wire::cmdflag;
-use crate::server::splice;
 use crate::server::tls::stream::Input;
 use crate::util::shutdown;
 
@@ -73,81 +71,6 @@ pub(super) fn write_filled(conn: &Conn, r: &mut BufReader<Input>, req: &Request)
         }
     };
     Some(error_reply(req, conn.mode, code))
-}
-
-/// Runs a big WRITE whose payload is still unread by splicing it into the
-/// handle's file (`Handle::pwrite_fd`): staged whole in the worker's pipe
-/// first, then moved into the page cache, so a payload cut off never
-/// reaches the file. If the handle gives no file or the pipe is too small
-/// (or fills up: the socket's data came in pieces smaller than a page),
-/// the payload goes through a buffer and `pwrite` as usual. `None` if the
-/// client hung up mid-payload or the socket broke.
-pub(super) fn write_spliced(conn: &Conn, r: &mut BufReader<Input>, req: &Request, pipe: &mut Option<splice::Pipe>) -> Option<Reply> {
-    let n = req.count as usize;
-    let target = shutdown::catch_panic("pwrite", || Ok(conn.handle.pwrite_fd(n, req.offset))).ok().flatten();
-    if target.is_some() && pipe.is_none() {
-        *pipe = splice::Pipe::new().ok();
-    }
-    let (Some((fd, off)), Some(p)) = (target, pipe.as_ref().filter(|p| p.cap >= n)) else {
-        return write_copied(conn, r, req, &[]);
-    };
-    let buffered = r.buffer().len().min(n);
-    let staged = p.stage(conn.read_fd, &r.buffer()[..buffered], n);
-    r.consume(buffered);
-    match staged {
-        splice::Staged::Whole => {}
-        splice::Staged::Cut => {
-            *pipe = None; // (and what it holds)
-            return None;
-        }
-        splice::Staged::Full(got) => {
-            let mut head = match conn.pool.get(got) {
-                Ok(b) => b,
-                Err(_) => {
-                    *pipe = None;
-                    return None;
-                }
-            };
-            let drained = p.drain_into(&mut head[..got]);
-            if !drained {
-                *pipe = None;
-                return None;
-            }
-            let reply = write_copied(conn, r, req, &head[..got]);
-            conn.pool.put(head);
-            return reply;
-        }
-    }
-    let e = match p.commit(fd, off, n) {
-        Ok(()) => 0,
-        Err(e) => {
-            *pipe = None; // what did not go out stays behind in it
-            failed(req, &Error::os(format_args!("pwrite: splice: offset={} count={n}", req.offset), e))
-        }
-    };
-    Some(error_reply(req, conn.mode, e))
-}
-
-/// A WRITE whose payload's first bytes are `head` (already read) and the
-/// rest still unread: read into a buffer and run as usual. `None` if the
-/// payload was cut off.
-fn write_copied(conn: &Conn, r: &mut BufReader<Input>, req: &Request, head: &[u8]) -> Option<Reply> {
-    let n = req.count as usize;
-    let mut payload = match conn.pool.get(n) {
-        Ok(p) => p,
-        Err(e) => {
-            discard(r, (n - head.len()) as u64).ok()?;
-            return Some(error_reply(req, conn.mode, failed(req, &e)));
-        }
-    };
-    payload[..head.len()].copy_from_slice(head);
-    if !read_into(conn, r, &mut [&mut payload[head.len()..n]]) {
-        conn.pool.put(payload);
-        return None;
-    }
-    let reply = execute(&*conn.handle, req, &payload, conn.mode, &conn.export, conn.serialize_all, &conn.pool);
-    conn.pool.put(payload);
-    Some(reply)
 }
 
 /// Fills `bufs` from the connection: what is buffered first, then straight
