@@ -291,6 +291,21 @@ fn nbdcopy_in_and_out_qemu_img_and_flush() {
                     assert h.pread(1, 6*1024*1024 - 1) == b'\\x5a'\n");
     let now = std::fs::read(&remote).unwrap();
     assert_eq!(&now[65536 - 7..65536 - 7 + 256], &(0..=255u8).collect::<Vec<_>>()[..]);
+    // Each connection's session thread ends with the connection.
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", srv.child.id()))
+            .unwrap()
+            .filter(|t| {
+                let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap_or_default();
+                comm.trim() == "ssh-session"
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads() > 0 {
+        assert!(Instant::now() < deadline, "{} ssh-session threads left", threads());
+        thread::sleep(Duration::from_millis(20));
+    }
     srv.health_check();
 }
 
@@ -483,6 +498,8 @@ fn config_file_percent_expansion_create_compression_debug() {
     assert_eq!(sha256(Path::new(&new)), sha256(Path::new(&src)));
     let err = stderr_of(&srv);
     assert!(err.contains("sftp extensions"), "{err}");
+    // Requests as big as OpenSSH's limits@openssh.com allow (255 KiB).
+    assert!(err.contains("requests of up to 261120 bytes read, 261120 written"), "{err}");
     srv.health_check();
 
     // A missing config file is ignored (as libssh does); %-sequences in identity=.

@@ -1,19 +1,22 @@
 //! A small SFTP version 3 client (draft-ietf-secsh-filexfer-02) over an SSH
 //! channel: just what the plugin needs (open, fstat, setstat, read, write,
-//! fsync@openssh.com, remove, close), with any number of requests in flight.
+//! fsync@openssh.com, limits@openssh.com, remove, close), with any number
+//! of requests in flight.
 //!
-//! The codec ([`encode_*`], [`Reply::decode`], [`Framer`]) is pure and
-//! unit-tested; [`Sftp`] runs on the plugin's tokio runtime: one reader
-//! task dispatches replies by request id to the waiting callers, writes go
-//! out whole under a lock (russh splits a message into channel packets, and
-//! two messages must not interleave).
+//! The codec ([`encode`], [`Reply::decode`], [`Framer`]) is pure and
+//! unit-tested; [`Sftp`] runs on the connection's tokio runtime: one reader
+//! task cuts the channel's data into messages without copying it (a DATA
+//! payload stays in the buffers russh handed over until the caller copies
+//! it where it belongs) and dispatches replies by request id to the waiting
+//! callers; writes go out whole under a lock (russh splits a message into
+//! channel packets, and two messages must not interleave).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use russh::client::Msg;
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::oneshot;
@@ -50,11 +53,70 @@ pub const FX_EOF: u32 = 1;
 
 /// The longest SFTP message we accept (OpenSSH's sftp-server limit is 256 KiB).
 pub const MAX_PACKET: usize = 256 * 1024 + 1024;
-/// Bytes per READ or WRITE request: well under OpenSSH's 255 KiB read limit
-/// and 256 KiB message limit.
-pub const CHUNK: usize = 128 * 1024;
+/// The most bytes a READ or WRITE request carries: OpenSSH's read limit
+/// (255 KiB), which keeps every message under its 256 KiB limit.
+pub const MAX_CHUNK: usize = 255 * 1024;
+/// Bytes per READ or WRITE request of a server that does not announce
+/// `limits@openssh.com`: the draft's "at least 32768" every server takes.
+pub const SAFE_CHUNK: usize = 32 * 1024;
 /// Requests in flight per call.
 pub const MAX_IN_FLIGHT: usize = 32;
+
+/// What a request of `len` bytes is cut into: pieces of equal size (a
+/// multiple of 4 KiB but the last), as few as `max` allows: a 256 KiB READ
+/// with a 255 KiB limit makes two of 128 KiB, not 255 + 1 KiB.
+pub fn piece_size(len: usize, max: usize) -> usize {
+    let max = max.max(1);
+    if len <= max {
+        return len.max(1);
+    }
+    let n = len.div_ceil(max);
+    let each = len.div_ceil(n).next_multiple_of(4096);
+    if each <= max {
+        each
+    } else {
+        max
+    }
+}
+
+/// The server's `limits@openssh.com` answer (0: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_packet: u64,
+    pub max_read: u64,
+    pub max_write: u64,
+}
+
+impl Limits {
+    /// Decodes the EXTENDED_REPLY's data.
+    pub fn decode(data: &[u8]) -> Option<Limits> {
+        let mut r = Reader(data);
+        Some(Limits { max_packet: r.u64()?, max_read: r.u64()?, max_write: r.u64()? })
+    }
+
+    /// Bytes per READ request: the server's limit, at most [`MAX_CHUNK`].
+    pub fn read_chunk(&self) -> usize {
+        clamp_limit(self.max_read, MAX_CHUNK)
+    }
+
+    /// Bytes per WRITE request: the server's write limit, and room for the
+    /// header within its message limit, at most [`MAX_CHUNK`].
+    pub fn write_chunk(&self) -> usize {
+        let w = clamp_limit(self.max_write, MAX_CHUNK);
+        match self.max_packet {
+            0 => w,
+            p => w.min(clamp_limit(p.saturating_sub(1024), MAX_CHUNK)),
+        }
+    }
+}
+
+/// `v` as a chunk size: 0 means no limit; at least 1 KiB, at most `max`.
+fn clamp_limit(v: u64, max: usize) -> usize {
+    match v {
+        0 => max,
+        v => (v.min(max as u64) as usize).max(1024),
+    }
+}
 
 /// An SFTP failure, as a message in libssh's words where it has them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,17 +238,72 @@ fn finish(mut v: Vec<u8>) -> Vec<u8> {
     v
 }
 
+/// Encodes a WRITE with id `id` into `out` (emptied first), a buffer the
+/// caller reuses.
+pub fn encode_write(out: &mut Vec<u8>, id: u32, handle: &[u8], offset: u64, data: &[u8]) {
+    out.clear();
+    out.reserve(4 + 1 + 4 + 4 + handle.len() + 8 + 4 + data.len());
+    put_u32(out, (1 + 4 + 4 + handle.len() + 8 + 4 + data.len()) as u32);
+    out.push(FXP_WRITE);
+    put_u32(out, id);
+    put_str(out, handle);
+    put_u64(out, offset);
+    put_str(out, data);
+}
+
+/// Buffers for WRITE messages, reused: a message of 128 KiB or more would
+/// cost musl's malloc an mmap, page faults and an munmap each time.
+#[derive(Default)]
+pub struct BufPool(Mutex<Vec<Vec<u8>>>);
+
+/// The most buffers a pool keeps.
+const POOL_KEEP: usize = 32;
+
+impl BufPool {
+    /// An empty buffer, with the capacity of an earlier one if any.
+    pub fn get(&self) -> Vec<u8> {
+        self.0.lock().unwrap().pop().unwrap_or_default()
+    }
+
+    /// `buf` as message bytes; the buffer comes back to the pool once
+    /// russh has sent the last of them.
+    pub fn bytes(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled { buf, pool: self.clone() })
+    }
+}
+
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<BufPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut keep = self.pool.0.lock().unwrap();
+        if keep.len() < POOL_KEEP {
+            self.buf.clear();
+            keep.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 /// A request the plugin sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request<'a> {
     Open { path: &'a [u8], pflags: u32, attrs: Attrs },
     Close { handle: &'a [u8] },
     Read { handle: &'a [u8], offset: u64, len: u32 },
-    Write { handle: &'a [u8], offset: u64, data: &'a [u8] },
     Fstat { handle: &'a [u8] },
     Setstat { path: &'a [u8], attrs: Attrs },
     Remove { path: &'a [u8] },
     Fsync { handle: &'a [u8] },
+    Limits,
 }
 
 /// The INIT message (version 3).
@@ -218,13 +335,6 @@ pub fn encode(id: u32, req: &Request<'_>) -> Vec<u8> {
             put_u32(&mut v, len);
             v
         }
-        Request::Write { handle, offset, data } => {
-            let mut v = start(FXP_WRITE, Some(id), handle.len() + data.len());
-            put_str(&mut v, handle);
-            put_u64(&mut v, offset);
-            put_str(&mut v, data);
-            v
-        }
         Request::Fstat { handle } => {
             let mut v = start(FXP_FSTAT, Some(id), handle.len());
             put_str(&mut v, handle);
@@ -245,6 +355,11 @@ pub fn encode(id: u32, req: &Request<'_>) -> Vec<u8> {
             let mut v = start(FXP_EXTENDED, Some(id), handle.len() + 20);
             put_str(&mut v, b"fsync@openssh.com");
             put_str(&mut v, handle);
+            v
+        }
+        Request::Limits => {
+            let mut v = start(FXP_EXTENDED, Some(id), 20);
+            put_str(&mut v, b"limits@openssh.com");
             v
         }
     };
@@ -285,7 +400,7 @@ pub enum Reply {
     Handle { id: u32, handle: Vec<u8> },
     Data { id: u32, data: Bytes },
     Attrs { id: u32, attrs: Attrs },
-    Extended { id: u32 },
+    Extended { id: u32, data: Vec<u8> },
 }
 
 impl Reply {
@@ -314,7 +429,7 @@ impl Reply {
             FXP_HANDLE => Reply::Handle { id, handle: r.string()?.to_vec() },
             FXP_DATA => Reply::Data { id, data: Bytes::copy_from_slice(r.string()?) },
             FXP_ATTRS => Reply::Attrs { id, attrs: Attrs::decode(&mut r)? },
-            FXP_EXTENDED_REPLY => Reply::Extended { id },
+            FXP_EXTENDED_REPLY => Reply::Extended { id, data: r.0.to_vec() },
             _ => return None,
         })
     }
@@ -340,39 +455,69 @@ impl Reply {
             | Reply::Handle { id, .. }
             | Reply::Data { id, .. }
             | Reply::Attrs { id, .. }
-            | Reply::Extended { id } => Some(id),
+            | Reply::Extended { id, .. } => Some(id),
         }
     }
 }
 
-/// Cuts a byte stream into SFTP messages.
-#[derive(Default)]
+/// Cuts a byte stream into SFTP messages, each copied into a buffer of
+/// its own from a [`BufPool`]: the channel's buffers are freed as soon as
+/// they are read (musl's malloc maps, faults in and unmaps memory again
+/// when many of them are held), and a reply's buffer is reused once the
+/// caller has copied its data out.
 pub struct Framer {
-    buf: BytesMut,
+    pool: Arc<BufPool>,
+    /// The message being filled: its length field, then its body.
+    cur: Vec<u8>,
+    /// Its body's length once the length field is in.
+    want: Option<usize>,
+    /// Whole message bodies.
+    ready: std::collections::VecDeque<Bytes>,
+    /// A length out of bounds: the stream is unusable.
+    bad: Option<usize>,
 }
 
 impl Framer {
+    pub fn new(pool: Arc<BufPool>) -> Framer {
+        Framer { cur: pool.get(), pool, want: None, ready: Default::default(), bad: None }
+    }
+
     /// Adds bytes from the channel.
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
+    pub fn push(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && self.bad.is_none() {
+            let end = 4 + self.want.unwrap_or(0);
+            let k = (end - self.cur.len()).min(data.len());
+            self.cur.extend_from_slice(&data[..k]);
+            data = &data[k..];
+            if self.want.is_none() && self.cur.len() == 4 {
+                let len = u32::from_be_bytes(self.cur[..4].try_into().unwrap()) as usize;
+                if len == 0 || len > MAX_PACKET {
+                    self.bad = Some(len);
+                    return;
+                }
+                self.cur.reserve(len);
+                self.want = Some(len);
+            }
+            if let Some(len) = self.want {
+                if self.cur.len() == 4 + len {
+                    let full = std::mem::replace(&mut self.cur, self.pool.get());
+                    self.ready.push_back(self.pool.bytes(full).slice(4..));
+                    self.want = None;
+                }
+            }
+        }
     }
 
     /// The next whole message body, `Ok(None)` if more bytes are needed,
-    /// an error if the length is out of bounds.
+    /// an error if a length is out of bounds.
     pub fn next(&mut self) -> Result<Option<Bytes>, SftpError> {
-        if self.buf.len() < 4 {
-            return Ok(None);
+        if let Some(b) = self.ready.pop_front() {
+            return Ok(Some(b));
         }
-        let len = u32::from_be_bytes(self.buf[..4].try_into().unwrap()) as usize;
-        if len == 0 || len > MAX_PACKET {
-            return Err(SftpError::Lost(format!("SFTP message of {len} bytes from the server")));
+        match self.bad {
+            Some(len) => Err(SftpError::Lost(format!("SFTP message of {len} bytes from the server"))),
+            None => Ok(None),
         }
-        if self.buf.len() < 4 + len {
-            return Ok(None);
-        }
-        let mut body = self.buf.split_to(4 + len);
-        body.advance(4);
-        Ok(Some(body.freeze()))
     }
 }
 
@@ -380,6 +525,8 @@ type Waiters = HashMap<u32, oneshot::Sender<Reply>>;
 
 /// One SFTP session; every method may be called concurrently.
 pub struct Sftp {
+    /// Buffers of the messages both ways.
+    pub pool: Arc<BufPool>,
     writer: tokio::sync::Mutex<ChannelWriteHalf<Msg>>,
     waiters: Arc<Mutex<Option<Waiters>>>,
     next_id: AtomicU32,
@@ -402,7 +549,8 @@ impl Sftp {
             .data_bytes(encode_init())
             .await
             .map_err(|e| SftpError::Lost(format!("failed to send SFTP init: {e}")))?;
-        let mut framer = Framer::default();
+        let pool = Arc::new(BufPool::default());
+        let mut framer = Framer::new(pool.clone());
         let version = with_timeout(timeout, async {
             loop {
                 if let Some(body) = framer.next()? {
@@ -436,6 +584,7 @@ impl Sftp {
             w2.lock().unwrap().take();
         });
         Ok(Sftp {
+            pool,
             writer: tokio::sync::Mutex::new(writer),
             waiters,
             next_id: AtomicU32::new(1),
@@ -455,23 +604,39 @@ impl Sftp {
         self.broken.load(Ordering::Acquire)
     }
 
-    /// Sends a request and returns the receiver of its reply.
-    async fn send(&self, req: &Request<'_>) -> Result<oneshot::Receiver<Reply>, SftpError> {
+    /// A new request id with the receiver of its reply.
+    fn register(&self) -> Result<(u32, oneshot::Receiver<Reply>), SftpError> {
+        let id = self.new_id();
+        Ok((id, self.register_id(id)?))
+    }
+
+    /// The receiver of the reply to request `id`.
+    fn register_id(&self, id: u32) -> Result<oneshot::Receiver<Reply>, SftpError> {
         if self.is_broken() {
             return Err(SftpError::Lost("the SSH session was lost".into()));
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.waiters.lock().unwrap().as_mut() {
             Some(w) => w.insert(id, tx),
             None => return Err(SftpError::Lost("the SSH session was lost".into())),
         };
-        let msg = encode(id, req);
+        Ok(rx)
+    }
+
+    /// Sends whole encoded messages (one or several) on the channel.
+    async fn send_bytes(&self, msgs: Bytes) -> Result<(), SftpError> {
         let w = self.writer.lock().await;
-        if let Err(e) = w.data_bytes(msg).await {
+        if let Err(e) = w.data_bytes(msgs).await {
             self.broken.store(true, Ordering::Release);
             return Err(SftpError::Lost(format!("the SSH session was lost: {e}")));
         }
+        Ok(())
+    }
+
+    /// Sends a request and returns the receiver of its reply.
+    async fn send(&self, req: &Request<'_>) -> Result<oneshot::Receiver<Reply>, SftpError> {
+        let (id, rx) = self.register()?;
+        self.send_bytes(encode(id, req).into()).await?;
         Ok(rx)
     }
 
@@ -522,41 +687,72 @@ impl Sftp {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`, with up to [`MAX_IN_FLIGHT`]
-    /// requests of [`CHUNK`] bytes in flight. A short answer is followed by
-    /// a request for the rest; end of file before the end is an error.
-    pub async fn pread(&self, handle: &[u8], buf: &mut [u8], offset: u64) -> Result<(), SftpError> {
+    /// The server's `limits@openssh.com`, `None` if it does not announce
+    /// them.
+    pub async fn limits(&self) -> Result<Option<Limits>, SftpError> {
+        if !self.has_extension("limits@openssh.com", "1") {
+            return Ok(None);
+        }
+        match self.call(&Request::Limits).await? {
+            Reply::Extended { data, .. } => Ok(Limits::decode(&data)),
+            Reply::Status { code, msg, .. } => Err(SftpError::Status(code, msg)),
+            r => Err(SftpError::Lost(format!("unexpected SFTP reply {r:?}"))),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` in requests of `chunk` bytes, up to
+    /// [`MAX_IN_FLIGHT`] in flight (requests sent together go out in one
+    /// channel write). Returns the data as pieces `(position, bytes)` that
+    /// cover `0..len` exactly, in the replies' buffers (the caller copies
+    /// them once, where they belong). A short answer is followed by a
+    /// request for the rest; end of file before the end is an error.
+    pub async fn pread(
+        &self,
+        handle: &[u8],
+        len: usize,
+        offset: u64,
+        chunk: usize,
+    ) -> Result<Vec<(usize, Bytes)>, SftpError> {
+        let chunk = chunk.max(1);
+        let mut parts = Vec::with_capacity(len.div_ceil(chunk));
         let mut queue: std::collections::VecDeque<(usize, usize, oneshot::Receiver<Reply>)> = Default::default();
-        let mut next = 0; // first byte of buf not yet requested
+        let mut next = 0; // first byte not yet requested
         let mut redo: Vec<(usize, usize)> = Vec::new(); // holes left by short reads
         loop {
+            let mut batch = Vec::new();
             while queue.len() < MAX_IN_FLIGHT {
-                let (start, len) = if let Some(r) = redo.pop() {
+                let (start, n) = if let Some(r) = redo.pop() {
                     r
-                } else if next < buf.len() {
-                    let len = CHUNK.min(buf.len() - next);
-                    next += len;
-                    (next - len, len)
+                } else if next < len {
+                    let n = chunk.min(len - next);
+                    next += n;
+                    (next - n, n)
                 } else {
                     break;
                 };
-                let req = Request::Read { handle, offset: offset + start as u64, len: len as u32 };
-                queue.push_back((start, len, self.send(&req).await?));
+                let (id, rx) = self.register()?;
+                let req = Request::Read { handle, offset: offset + start as u64, len: n as u32 };
+                batch.extend_from_slice(&encode(id, &req));
+                queue.push_back((start, n, rx));
             }
-            let Some((start, len, rx)) = queue.pop_front() else { return Ok(()) };
+            if !batch.is_empty() {
+                self.send_bytes(batch.into()).await?;
+            }
+            let Some((start, n, rx)) = queue.pop_front() else { return Ok(parts) };
             match self.wait(rx).await? {
-                Reply::Data { data, .. } if !data.is_empty() && data.len() <= len => {
-                    buf[start..start + data.len()].copy_from_slice(&data);
-                    if data.len() < len {
-                        redo.push((start + data.len(), len - data.len()));
+                Reply::Data { data, .. } if !data.is_empty() && data.len() <= n => {
+                    let got = data.len();
+                    if got < n {
+                        redo.push((start + got, n - got));
                     }
+                    parts.push((start, data));
                 }
                 Reply::Data { data, .. } if data.is_empty() => {
                     return Err(SftpError::Lost("the SFTP server answered a read with no data".into()))
                 }
                 Reply::Data { data, .. } => {
                     return Err(SftpError::Lost(format!(
-                        "the SFTP server answered a read of {len} bytes with {}",
+                        "the SFTP server answered a read of {n} bytes with {}",
                         data.len()
                     )))
                 }
@@ -572,15 +768,23 @@ impl Sftp {
         }
     }
 
-    /// Writes `buf` at `offset` in [`CHUNK`]-byte requests, several in flight.
-    pub async fn pwrite(&self, handle: &[u8], buf: &[u8], offset: u64) -> Result<(), SftpError> {
+    /// A request id for a message encoded elsewhere (see [`Sftp::pwrite`]).
+    pub fn new_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends WRITE requests encoded elsewhere with ids from
+    /// [`Sftp::new_id`], up to [`MAX_IN_FLIGHT`] in flight, and checks
+    /// every answer.
+    pub async fn pwrite(&self, msgs: Vec<(u32, Bytes)>) -> Result<(), SftpError> {
         let mut queue = std::collections::VecDeque::new();
-        let mut chunks = buf.chunks(CHUNK).enumerate();
+        let mut msgs = msgs.into_iter();
         loop {
             while queue.len() < MAX_IN_FLIGHT {
-                let Some((i, data)) = chunks.next() else { break };
-                let req = Request::Write { handle, offset: offset + (i * CHUNK) as u64, data };
-                queue.push_back(self.send(&req).await?);
+                let Some((id, m)) = msgs.next() else { break };
+                let rx = self.register_id(id)?;
+                self.send_bytes(m).await?;
+                queue.push_back(rx);
             }
             let Some(rx) = queue.pop_front() else { return Ok(()) };
             match self.wait(rx).await? {
@@ -636,7 +840,7 @@ mod tests {
     use super::*;
 
     fn body(v: Vec<u8>) -> Bytes {
-        let mut f = Framer::default();
+        let mut f = Framer::new(Arc::default());
         f.push(&v);
         f.next().unwrap().unwrap()
     }
@@ -657,6 +861,19 @@ mod tests {
         let b = body(encode(2, &Request::Fsync { handle: b"H" }));
         assert_eq!(&b[9..26], b"fsync@openssh.com");
         assert_eq!(encode_init(), [0, 0, 0, 5, FXP_INIT, 0, 0, 0, 3]);
+        let pool = Arc::new(BufPool::default());
+        let mut out = pool.get();
+        encode_write(&mut out, 9, b"hh", 1 << 33, b"data");
+        assert_eq!(out, [&[0, 0, 0, 27, FXP_WRITE, 0, 0, 0, 9, 0, 0, 0, 2, b'h', b'h'][..],
+                         &[0, 0, 0, 2, 0, 0, 0, 0], &[0, 0, 0, 4], b"data"].concat());
+        let b = pool.bytes(out);
+        let part = b.slice(5..9);
+        drop(b);
+        assert!(pool.0.lock().unwrap().is_empty()); // still sent from
+        assert_eq!(part, &9u32.to_be_bytes()[..]);
+        drop(part);
+        let again = pool.get();
+        assert!(again.is_empty() && again.capacity() >= 31);
     }
 
     #[test]
@@ -689,6 +906,17 @@ mod tests {
         assert_eq!(Reply::decode_bytes(Bytes::from_static(&[FXP_DATA, 0, 0, 0, 1, 0, 0, 0, 2, 7, 8])),
                    Some(Reply::Data { id: 1, data: Bytes::from_static(&[7, 8]) }));
         assert_eq!(Reply::decode_bytes(Bytes::from_static(&[FXP_DATA, 0, 0, 0, 1, 0, 0, 0, 3, 7, 8])), None);
+        let mut v = vec![FXP_EXTENDED_REPLY, 0, 0, 0, 4];
+        for n in [256 * 1024u64, 255 * 1024, 0, 1024] {
+            put_u64(&mut v, n);
+        }
+        let Some(Reply::Extended { id: 4, data }) = Reply::decode(&v) else { panic!("no EXTENDED_REPLY") };
+        let l = Limits::decode(&data).unwrap();
+        assert_eq!(l, Limits { max_packet: 256 * 1024, max_read: 255 * 1024, max_write: 0 });
+        assert_eq!((l.read_chunk(), l.write_chunk()), (255 * 1024, 255 * 1024));
+        let l = Limits { max_packet: 64 * 1024, max_read: 1 << 40, max_write: 100 };
+        assert_eq!((l.read_chunk(), l.write_chunk()), (MAX_CHUNK, 1024));
+        assert_eq!(Limits::decode(&[0; 23]), None);
         // Truncated messages and unknown types are refused, not a panic.
         assert_eq!(Reply::decode(&[FXP_DATA, 0, 0, 0, 1, 0, 0, 1, 0, 1]), None);
         assert_eq!(Reply::decode(&[77, 0, 0, 0, 1]), None);
@@ -697,7 +925,8 @@ mod tests {
 
     #[test]
     fn framer_splits_and_joins() {
-        let mut f = Framer::default();
+        let pool = Arc::new(BufPool::default());
+        let mut f = Framer::new(pool.clone());
         let a = encode(1, &Request::Close { handle: b"abc" });
         let b = encode(2, &Request::Remove { path: b"/p" });
         let all = [a.clone(), b.clone()].concat();
@@ -705,13 +934,47 @@ mod tests {
         assert_eq!(f.next().unwrap(), None);
         f.push(&all[3..10]);
         assert_eq!(f.next().unwrap(), None);
-        f.push(&all[10..]);
-        assert_eq!(f.next().unwrap().unwrap(), a[4..]);
+        f.push(&[]);
+        // The end of the first message and the start of the second.
+        f.push(&all[10..a.len() + 5]);
+        let first = f.next().unwrap().unwrap();
+        assert_eq!(first, a[4..]);
+        assert_eq!(f.next().unwrap(), None);
+        f.push(&all[a.len() + 5..]);
         assert_eq!(f.next().unwrap().unwrap(), b[4..]);
         assert_eq!(f.next().unwrap(), None);
-        let mut f = Framer::default();
-        f.push(&[0xff, 0xff, 0xff, 0xff]);
+        // A message's buffer goes back to the pool once dropped.
+        let n = pool.0.lock().unwrap().len();
+        drop(first);
+        assert_eq!(pool.0.lock().unwrap().len(), n + 1);
+        // Several messages in one push.
+        f.push(&[all.clone(), all.clone()].concat());
+        for m in [&a, &b, &a, &b] {
+            assert_eq!(f.next().unwrap().unwrap(), m[4..]);
+        }
+        let mut f = Framer::new(pool);
+        f.push(&[0, 0, 0, 1, FXP_STATUS, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(f.next().unwrap().unwrap(), [FXP_STATUS][..]);
         assert!(f.next().is_err());
+        assert!(f.next().is_err());
+    }
+
+    #[test]
+    fn pieces_of_requests() {
+        assert_eq!(piece_size(256 * 1024, MAX_CHUNK), 128 * 1024);
+        assert_eq!(piece_size(255 * 1024, MAX_CHUNK), 255 * 1024);
+        assert_eq!(piece_size(512, MAX_CHUNK), 512);
+        assert_eq!(piece_size(0, MAX_CHUNK), 1);
+        assert_eq!(piece_size(4 << 20, MAX_CHUNK), 244 * 1024); // 17 pieces
+        assert_eq!(piece_size(64 * 1024, SAFE_CHUNK), SAFE_CHUNK);
+        assert_eq!(piece_size(100 * 1024, SAFE_CHUNK), 28 * 1024); // 4 pieces
+        assert_eq!(piece_size(10_000, 4097), 4096); // 3 pieces
+        proptest::proptest!(|(len in 1usize..64 << 20, max in 1usize..1 << 20)| {
+            let p = piece_size(len, max);
+            proptest::prop_assert!(p >= 1 && p <= max.max(1));
+            // As few pieces as the limit allows.
+            proptest::prop_assert_eq!(len.div_ceil(p), len.div_ceil(max));
+        });
     }
 
     proptest::proptest! {
@@ -719,9 +982,11 @@ mod tests {
         fn decode_never_panics(v in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
             let _ = Reply::decode(&v);
             let _ = Reply::decode_bytes(Bytes::from(v.clone()));
-            let mut f = Framer::default();
-            f.push(&v);
-            while let Ok(Some(b)) = f.next() { let _ = Reply::decode(&b); }
+            let mut f = Framer::new(Arc::default());
+            for c in v.chunks(5) {
+                f.push(c);
+            }
+            while let Ok(Some(b)) = f.next() { let _ = Reply::decode_bytes(b); }
         }
     }
 }
