@@ -137,8 +137,8 @@ pub fn choose(raw: &[u8]) -> Option<Version> {
 
 enum Chosen {
     Waiting,
-    V12(super::psk12::Psk12),
-    V13(super::psk13::Psk13),
+    V12(Box<super::psk12::Psk12>),
+    V13(Box<super::psk13::Psk13>),
 }
 
 /// The PSK engine: waits for the ClientHello, then hands everything to
@@ -154,8 +154,8 @@ impl Psk {
     fn inner(&mut self) -> Option<&mut dyn Engine> {
         match &mut self.chosen {
             Chosen::Waiting => None,
-            Chosen::V12(e) => Some(e as &mut dyn Engine),
-            Chosen::V13(e) => Some(e as &mut dyn Engine),
+            Chosen::V12(e) => Some(&mut **e as &mut dyn Engine),
+            Chosen::V13(e) => Some(&mut **e as &mut dyn Engine),
         }
     }
 }
@@ -169,11 +169,11 @@ impl Engine for Psk {
         let Some(v) = choose(&self.raw) else { return Ok(false) };
         log::debug!(target: "tls::psk", "PSK: the client gets {}", if v == Version::Tls13 { "TLS 1.3" } else { "TLS 1.2" });
         self.chosen = match v {
-            Version::Tls13 => Chosen::V13(super::psk13::Psk13::new(self.keys.clone())),
+            Version::Tls13 => Chosen::V13(Box::new(super::psk13::Psk13::new(self.keys.clone()))),
             Version::Tls12(downgrade) => {
                 let mut e = super::psk12::Psk12::new(self.keys.clone());
                 e.downgrade = downgrade;
-                Chosen::V12(e)
+                Chosen::V12(Box::new(e))
             }
         };
         let raw = std::mem::take(&mut self.raw);

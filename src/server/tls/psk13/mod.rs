@@ -195,7 +195,7 @@ impl Psk13 {
                 self.out.extend_from_slice(body);
                 Ok(())
             }
-            Some(w) => w.seal(&mut self.out, typ, body),
+            Some(w) => w.seal(&mut self.out, typ, body).map_err(|_| ()),
         }
     }
 

@@ -138,14 +138,14 @@ impl Dir {
 
     /// Appends a protected record of inner type `typ` carrying `body` to
     /// `out` (no padding).
-    pub fn seal(&mut self, out: &mut Vec<u8>, typ: u8, body: &[u8]) -> Result<(), ()> {
+    pub fn seal(&mut self, out: &mut Vec<u8>, typ: u8, body: &[u8]) -> Result<(), ring::error::Unspecified> {
         let len = body.len() + 1 + TAG;
         let hdr = [23, 3, 3, (len >> 8) as u8, len as u8];
         out.extend_from_slice(&hdr);
         let at = out.len();
         out.extend_from_slice(body);
         out.push(typ);
-        let tag = self.key.seal_in_place_separate_tag(self.nonce(), Aad::from(hdr), &mut out[at..]).map_err(|_| ())?;
+        let tag = self.key.seal_in_place_separate_tag(self.nonce(), Aad::from(hdr), &mut out[at..])?;
         out.extend_from_slice(tag.as_ref());
         self.seq += 1;
         Ok(())
