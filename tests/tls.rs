@@ -772,11 +772,226 @@ fn psk_nbdcopy_round_trip() {
         let mut r = std::fs::File::open("/dev/urandom").unwrap().take(32 << 20);
         std::io::copy(&mut r, &mut f).unwrap();
     }
-    let srv = Server::start_with(&["--tls=require", "--tls-psk", s(&keys)], &["memory", "32M"]);
+    let (srv, log) = start_logged_term(&["--tls=require", "--tls-psk", s(&keys), "-D", "nbdkit.tls.session=1"], &["memory", "32M"]);
     let uri = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", srv.sock.display(), keys.display());
     run_ok("nbdcopy", &[s(&src), &uri]);
     run_ok("nbdcopy", &[&uri, s(&out)]);
     assert_eq!(sha256(&src), sha256(&out));
+    // Every connection (nbdcopy opens several) was TLS 1.3 with ECDHE.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let sessions = text.matches("debug: TLS session: ").count();
+    assert!(sessions >= 2, "{text}");
+    assert_eq!(text.matches("debug: TLS session: (TLS1.3)--(AES-128-GCM)\n").count(), sessions, "{text}");
+    assert_eq!(text.matches("debug: TLS: PSK key exchange: psk_dhe_ke (ECDHE)\n").count(), sessions, "{text}");
+}
+
+// ---------------------------------------------------------------------------
+// PSK over TLS 1.3 (psk_dhe_ke), the TLS 1.2 fallback, -D nbdkit.tls.log.
+
+/// A psktool key file for `user` in `d`, and the key in hex.
+fn psk_keys(d: &TempDir, user: &str) -> (std::path::PathBuf, String) {
+    require_tools();
+    let keys = d.path("keys.psk");
+    let o = Command::new("psktool").args(["-u", user, "-p", s(&keys)]).output().unwrap();
+    assert!(o.status.success(), "psktool: {}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&keys).unwrap();
+    let hex = text.trim().split_once(':').unwrap().1.to_string();
+    (keys, hex)
+}
+
+/// The server's log once it has `what` in it `n` times (10 s at most).
+fn wait_for_log(log: &Path, what: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(what).count() >= n || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn psk_clients_negotiate_tls13_with_forward_secrecy() {
+    let d = TempDir::new("psk13");
+    let (keys, _) = psk_keys(&d, "alice");
+    let (srv, log) = start_logged_term(&["--tls=require", "--tls-psk", s(&keys), "-D", "nbdkit.tls.session=1"], &["memory", "8M"]);
+    let uri = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", srv.sock.display(), keys.display());
+    let out = run_ok("nbdinfo", &[&uri]);
+    assert!(out.contains("with TLS"), "{out}");
+    nbdsh_uri_ok(
+        &uri,
+        "h.pwrite(b'k' * 200000, 0)\nassert h.pread(200000, 0) == b'k' * 200000\nh.flush()\nh.zero(4096, 0)\nassert h.pread(4096, 0) == bytes(4096)",
+    );
+    let mut clients = 2;
+    if available("qemu-img", &["--version"]) {
+        let obj = format!("tls-creds-psk,id=tls0,dir={},endpoint=client,username=alice", d.0.display());
+        let img = format!("driver=nbd,path={},tls-creds=tls0", srv.sock.display());
+        let info = run_ok("qemu-img", &["info", "--object", &obj, "--image-opts", &img]);
+        assert!(info.contains("8 MiB"), "{info}");
+        clients += 1;
+    } else {
+        require!("qemu-img", "--version");
+    }
+    // GnuTLS nbdkit's lines, and the key exchange mode: libnbd and qemu
+    // (GnuTLS) send an X25519 share, so no HelloRetryRequest.
+    let text = wait_for_log(&log, "debug: TLS: PSK key exchange: ", clients);
+    for (line, n) in [
+        ("debug: TLS session: (TLS1.3)--(AES-128-GCM)\n", clients),
+        ("debug: TLS: authentication: PSK (Pre-Shared Key)\n", clients),
+        ("debug: TLS: PSK username: alice\n", clients),
+        ("debug: TLS: negotiated group: X25519\n", clients),
+        ("debug: TLS: PSK key exchange: psk_dhe_ke (ECDHE)\n", clients),
+        ("debug: TLS session: ", clients),
+    ] {
+        assert_eq!(text.matches(line).count(), n, "{line}: {text}");
+    }
+    assert!(!text.contains("HelloRetryRequest"), "{text}");
+}
+
+/// Drives gnutls-cli through NBD's STARTTLS (`--starttls`: plaintext until
+/// SIGALRM): the greeting, client flags and NBD_OPT_STARTTLS in the clear,
+/// then the handshake, then NBD_OPT_LIST over TLS. Prints "listed" on
+/// success. Arguments: port, user, hex key, priority, log file.
+const GNUTLS_NBD: &str = r#"
+import os, select, signal, struct, subprocess, sys, time
+port, user, key, prio, logfile = sys.argv[1:6]
+p = subprocess.Popen(['gnutls-cli', '--starttls', '--logfile', logfile, '-p', port, '--pskusername', user,
+                      '--pskkey', key, '--priority', prio, '127.0.0.1'],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+def readn(n):
+    buf = b''
+    deadline = time.time() + 20
+    while len(buf) < n:
+        r, _, _ = select.select([p.stdout], [], [], max(0, deadline - time.time()))
+        if not r:
+            sys.exit('timeout after %r' % buf)
+        b = os.read(p.stdout.fileno(), n - len(buf))
+        if not b:
+            sys.exit('EOF after %r' % buf)
+        buf += b
+    return buf
+def send(b):
+    p.stdin.write(b)
+    p.stdin.flush()
+try:
+    g = readn(18)
+    assert g[:16] == b'NBDMAGICIHAVEOPT', g
+    send(struct.pack('>I', 3) + b'IHAVEOPT' + struct.pack('>II', 5, 0))
+    magic, opt, typ, n = struct.unpack('>QIII', readn(20))
+    assert (opt, typ, n) == (5, 1, 0), (opt, typ, n)
+    p.send_signal(signal.SIGALRM)
+    time.sleep(0.5)
+    send(b'IHAVEOPT' + struct.pack('>II', 3, 0))
+    while True:
+        magic, opt, typ, n = struct.unpack('>QIII', readn(20))
+        readn(n)
+        if typ == 1:
+            break
+        assert typ == 2, typ
+    print('listed')
+    p.stdin.close()
+    p.wait(timeout=10)
+finally:
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+"#;
+
+/// A TCP server (gnutls-cli connects over TCP only) logging to `dir/log` with -v.
+fn tcp_logged(d: &TempDir, opts: &[&str]) -> (TcpServer, std::path::PathBuf) {
+    let log = d.path("log");
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = Command::new(nbdkit_bin())
+            .args(["-f", "-v", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .args(opts)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (TcpServer { child, port }, log);
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "server did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("could not start a TCP server");
+}
+
+#[test]
+fn gnutls_cli_tls12_fallback_retry_and_no_psk_ke() {
+    require!("gnutls-cli", "--version");
+    let d = TempDir::new("psk13-cli");
+    let (keys, hex) = psk_keys(&d, "alice");
+    let (srv, log) = tcp_logged(&d, &["--tls=require", "--tls-psk", s(&keys), "-D", "nbdkit.tls.session=1", "memory", "1M"]);
+    let cli = |prio: &str, n: usize| {
+        let clog = d.path(&format!("cli{n}.log"));
+        let o = Command::new("/usr/bin/python3")
+            .args(["-c", GNUTLS_NBD, &srv.port.to_string(), "alice", &hex, prio, s(&clog)])
+            .env("PATH", path_env())
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.success() && out.contains("listed"), out, std::fs::read_to_string(&clog).unwrap_or_default())
+    };
+    // A TLS 1.2-only client gets the TLS 1.2 PSK suite.
+    let (ok, out, clog) = cli("NORMAL:-VERS-ALL:+VERS-TLS1.2:-KX-ALL:+PSK", 1);
+    assert!(ok, "{out}\n{clog}");
+    // (gnutls-cli's description names X.509: it always has certificate credentials.)
+    assert!(clog.contains("- Description: (TLS1.2-") && clog.contains(")-(PSK)-(AES-128-GCM)"), "{clog}");
+    let text = wait_for_log(&log, "debug: TLS: PSK username: alice\n", 1);
+    assert!(text.contains("debug: TLS session: (TLS1.2)-(PSK)-(AES-128-GCM)\n"), "{text}");
+    assert!(!text.contains("TLS1.3"), "{text}");
+    // A client whose key share is for a group the server does not do
+    // (P-384) gets a HelloRetryRequest for P-256.
+    let (ok, out, clog) = cli("NORMAL:-VERS-ALL:+VERS-TLS1.3:-KX-ALL:+ECDHE-PSK:-GROUP-ALL:+GROUP-SECP384R1:+GROUP-SECP256R1", 2);
+    assert!(ok, "{out}\n{clog}");
+    assert!(clog.contains("- Description: (TLS1.3-") && clog.contains(")--(AES-128-GCM)"), "{clog}");
+    let text = wait_for_log(&log, "debug: TLS: PSK username: alice\n", 2);
+    assert!(text.contains("HelloRetryRequest: the client sent no key share for SECP256R1"), "{text}");
+    assert!(text.contains("debug: TLS session: (TLS1.3)--(AES-128-GCM)\n"), "{text}");
+    assert!(text.contains("debug: TLS: negotiated group: SECP256R1\n"), "{text}");
+    // psk_ke alone (no forward secrecy) is refused.
+    let (ok, out, clog) = cli("NORMAL:-VERS-ALL:+VERS-TLS1.3:-KX-ALL:+PSK", 3);
+    assert!(!ok, "a psk_ke-only client connected: {out}\n{clog}");
+    let text = wait_for_log(&log, "psk_dhe_ke (PSK without forward secrecy is refused)", 1);
+    assert!(text.contains("the client does not offer psk_dhe_ke"), "{text}");
+}
+
+#[test]
+fn tls_log_shows_the_tls_library() {
+    let d = TempDir::new("psk13-log");
+    let (keys, _) = psk_keys(&d, "alice");
+    let pki = d.path("pki");
+    make_pki(&pki);
+    for level in [None, Some("nbdkit.tls.log=2")] {
+        let mut opts = vec!["--tls=require", "--tls-psk", s(&keys)];
+        opts.extend(level.map(|l| ["-D", l]).into_iter().flatten());
+        let (srv, log) = start_logged_term(&opts, &["memory", "1M"]);
+        run_ok("nbdinfo", &[&format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", srv.sock.display(), keys.display())]);
+        let text = wait_for_log(&log, "tls::psk13: TLS 1.3 handshake complete", 1);
+        // With -v: the PSK handshake's debug lines.
+        assert!(text.contains("debug: tls::psk13: PSK: client identity \"alice\""), "{text}");
+        assert!(text.contains("debug: tls::psk13: TLS 1.3 handshake: suite TLS_AES_128_GCM_SHA256, group X25519, psk_dhe_ke"), "{text}");
+        // With -D nbdkit.tls.log=2: its trace lines too.
+        assert_eq!(text.contains("debug: tls::psk13: handshake message 1 ("), level.is_some(), "{level:?}: {text}");
+        drop(srv);
+        // X.509: rustls' own records (its `logging` feature).
+        let mut opts = vec!["--tls=require", "--tls-certificates", s(&pki)];
+        opts.extend(level.map(|l| ["-D", l]).into_iter().flatten());
+        let (srv, log) = start_logged_term(&opts, &["memory", "1M"]);
+        run_ok("nbdinfo", &[&tls_uri(&srv, &pki)]);
+        let text = wait_for_log(&log, "rustls::server::hs: decided upon suite", 1);
+        assert!(text.contains("debug: rustls::server::hs: decided upon suite"), "{text}");
+        assert_eq!(text.contains("debug: rustls::server::hs: we got a clienthello"), level.is_some(), "{level:?}: {text}");
+    }
 }
 
 /// X.509 sessions on our record layer (records.rs) after rustls'

@@ -245,9 +245,9 @@ pub const TARGET: &str = "nbdkit";
 /// with `-D nbdkit.tls.log=N`, N ≥ 2, for rustls; `DEBUG` otherwise).
 static LIB_TRACE_TLS: AtomicBool = AtomicBool::new(false);
 
-/// `-D nbdkit.tls.log=N`: GnuTLS log levels 0–99. rustls has debug and
-/// trace records; from level 2 on its trace records are shown too (with
-/// `-v`, as every debug message).
+/// `-D nbdkit.tls.log=N`: GnuTLS log levels 0–99. rustls and the PSK
+/// handshakes have debug and trace records; from level 2 on their trace
+/// records are shown too (with `-v`, as every debug message).
 pub fn set_tls_log(level: i64) {
     LIB_TRACE_TLS.store(level >= 2, Ordering::Relaxed);
     rebuild();
@@ -274,7 +274,8 @@ fn lib_max(target: &str) -> Option<Level> {
             _ => Some(Level::TRACE),
         };
     }
-    if LIB_TRACE_TLS.load(Ordering::Relaxed) && target.starts_with("rustls") {
+    // rustls, and the PSK handshakes (`tls::psk…`).
+    if LIB_TRACE_TLS.load(Ordering::Relaxed) && (target.starts_with("rustls") || target.starts_with("tls::")) {
         Some(Level::TRACE)
     } else {
         Some(Level::DEBUG)

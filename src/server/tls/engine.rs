@@ -19,7 +19,8 @@ pub trait Engine: Send {
     fn handshaking(&self) -> bool;
     /// Queues close_notify.
     fn close(&mut self);
-    /// Protocol, cipher suite and peer (`-D nbdkit.tls.session=1`).
+    /// Protocol, cipher suite and peer (`-D nbdkit.tls.session=1`), one
+    /// debug line per line.
     fn describe(&self) -> String;
 }
 

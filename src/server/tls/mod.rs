@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod psk;
 mod psk12;
+pub mod psk13;
 pub mod records;
 pub mod stream;
 #[cfg(test)]

@@ -80,9 +80,144 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// A PSK session for a new client (psk12.rs).
+/// A PSK session for a new client: TLS 1.3 (psk13) or 1.2 (psk12), as
+/// its ClientHello asks.
 pub fn engine(keys: &Arc<Keys>) -> io::Result<Box<dyn Engine>> {
-    Ok(Box::new(super::psk12::Psk12::new(keys.clone())))
+    Ok(Box::new(Psk { keys: keys.clone(), raw: Vec::new(), chosen: Chosen::Waiting }))
+}
+
+/// Which TLS version a client gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// TLS 1.3 (a client offering it with a pre_shared_key extension,
+    /// and any input that is not a well-formed ClientHello: the TLS 1.3
+    /// engine sends the alert).
+    Tls13,
+    /// TLS 1.2; `true` if the client offered TLS 1.3 too (without a
+    /// pre_shared_key): the ServerHello then marks the downgrade.
+    Tls12(bool),
+}
+
+/// The version for the client that sent `raw` (its first bytes), once
+/// they hold its whole first handshake message; None until then. The
+/// records are not consumed: the chosen engine is fed all of `raw`.
+pub fn choose(raw: &[u8]) -> Option<Version> {
+    use super::psk13::{hello, MAX_PLAIN};
+    let mut hs = Vec::new();
+    let mut at = 0;
+    loop {
+        let rest = &raw[at..];
+        if rest.len() < 5 {
+            return None;
+        }
+        let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+        if rest[0] != 22 || rest[1] != 3 || len == 0 || len > MAX_PLAIN {
+            return Some(Version::Tls13);
+        }
+        if rest.len() < 5 + len {
+            return None;
+        }
+        hs.extend_from_slice(&rest[5..5 + len]);
+        at += 5 + len;
+        if hs.len() >= 4 {
+            let n = u32::from_be_bytes([0, hs[1], hs[2], hs[3]]) as usize;
+            if n > 64 * 1024 {
+                return Some(Version::Tls13);
+            }
+            if hs.len() >= 4 + n {
+                return Some(match hello::parse(&hs[..4 + n]) {
+                    Ok(h) if h.wants_tls13() => Version::Tls13,
+                    Ok(h) => Version::Tls12(h.offers_tls13()),
+                    Err(_) => Version::Tls13,
+                });
+            }
+        }
+    }
+}
+
+enum Chosen {
+    Waiting,
+    V12(super::psk12::Psk12),
+    V13(super::psk13::Psk13),
+}
+
+/// The PSK engine: waits for the ClientHello, then hands everything to
+/// the TLS 1.3 or 1.2 engine.
+struct Psk {
+    keys: Arc<Keys>,
+    /// What came before the choice.
+    raw: Vec<u8>,
+    chosen: Chosen,
+}
+
+impl Psk {
+    fn inner(&mut self) -> Option<&mut dyn Engine> {
+        match &mut self.chosen {
+            Chosen::Waiting => None,
+            Chosen::V12(e) => Some(e as &mut dyn Engine),
+            Chosen::V13(e) => Some(e as &mut dyn Engine),
+        }
+    }
+}
+
+impl Engine for Psk {
+    fn feed(&mut self, raw: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        if let Some(e) = self.inner() {
+            return e.feed(raw, plain);
+        }
+        self.raw.extend_from_slice(raw);
+        let Some(v) = choose(&self.raw) else { return Ok(false) };
+        log::debug!(target: "tls::psk", "PSK: the client gets {}", if v == Version::Tls13 { "TLS 1.3" } else { "TLS 1.2" });
+        self.chosen = match v {
+            Version::Tls13 => Chosen::V13(super::psk13::Psk13::new(self.keys.clone())),
+            Version::Tls12(downgrade) => {
+                let mut e = super::psk12::Psk12::new(self.keys.clone());
+                e.downgrade = downgrade;
+                Chosen::V12(e)
+            }
+        };
+        let raw = std::mem::take(&mut self.raw);
+        match self.inner() {
+            Some(e) => e.feed(&raw, plain),
+            None => Ok(false),
+        }
+    }
+
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        match self.inner() {
+            Some(e) => e.encrypt(data),
+            None => Err(io::Error::new(io::ErrorKind::NotConnected, "PSK: no session")),
+        }
+    }
+
+    fn flush_to(&mut self, w: &mut dyn std::io::Write) -> io::Result<()> {
+        match self.inner() {
+            Some(e) => e.flush_to(w),
+            None => Ok(()),
+        }
+    }
+
+    fn handshaking(&self) -> bool {
+        match &self.chosen {
+            Chosen::Waiting => true,
+            Chosen::V12(e) => e.handshaking(),
+            Chosen::V13(e) => e.handshaking(),
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(e) = self.inner() {
+            e.close();
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.chosen {
+            Chosen::Waiting => "TLS session: none".to_string(),
+            Chosen::V12(e) => e.describe(),
+            Chosen::V13(e) => e.describe(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -107,7 +107,12 @@ pub struct Psk12 {
     pending_write: Option<Dir>,
     user: String,
     closed: bool,
+    /// The client offered TLS 1.3 too: the server random says so
+    /// (RFC 8446 §4.1.3).
+    pub downgrade: bool,
 }
+
+const LOG: &str = "tls::psk12";
 
 impl Psk12 {
     /// A session that will look up client identities in `keys`.
@@ -128,12 +133,14 @@ impl Psk12 {
             pending_write: None,
             user: String::new(),
             closed: false,
+            downgrade: false,
         }
     }
 
     /// Queues a fatal alert and fails the session.
     fn fail(&mut self, desc: u8, why: &str) -> io::Error {
         if self.state != State::Failed {
+            log::debug!(target: LOG, "sending fatal alert {desc}: {why}");
             self.record(CT_ALERT, &[2, desc]);
             self.state = State::Failed;
         }
@@ -274,6 +281,7 @@ impl Psk12 {
             }
             let msg: Vec<u8> = self.hs.drain(..4 + len).collect();
             let (typ, body) = (msg[0], &msg[4..]);
+            log::trace!(target: LOG, "handshake message {typ} ({len} bytes) received");
             match (self.state, typ) {
                 (State::ClientHello, HS_CLIENT_HELLO) => {
                     self.transcript.update(&msg);
@@ -294,6 +302,7 @@ impl Psk12 {
                     self.write = self.pending_write.take();
                     self.handshake_msg(HS_FINISHED, &verify);
                     self.state = State::Traffic;
+                    log::debug!(target: LOG, "TLS 1.2 handshake complete");
                 }
                 (State::Traffic, HS_CLIENT_HELLO) => {
                     // Renegotiation: refused with a warning, as RFC 5746 allows.
@@ -341,6 +350,9 @@ impl Psk12 {
         }
         self.client_random.copy_from_slice(&random);
         SystemRandom::new().fill(&mut self.server_random).map_err(|_| self.fail(HANDSHAKE_FAILURE, "no randomness"))?;
+        if self.downgrade {
+            self.server_random[24..].copy_from_slice(b"DOWNGRD\x01");
+        }
         let mut sh = Vec::new();
         sh.extend_from_slice(&[3, 3]);
         sh.extend_from_slice(&self.server_random);
@@ -376,6 +388,12 @@ impl Psk12 {
             return Err(self.fail(UNKNOWN_PSK_IDENTITY, &format!("unknown username \"{who}\"")));
         };
         self.user = String::from_utf8_lossy(identity).into_owned();
+        log::debug!(target: LOG, "PSK: client identity \"{}\"", self.user);
+        log::debug!(
+            target: LOG,
+            "TLS 1.2 handshake: suite TLS_PSK_WITH_AES_128_GCM_SHA256, extended master secret: {}",
+            if self.ems { "yes" } else { "no" }
+        );
         let n = (psk.len() as u16).to_be_bytes();
         let mut pms = Vec::with_capacity(4 + 2 * psk.len());
         pms.extend_from_slice(&n);
@@ -431,7 +449,13 @@ impl Engine for Psk12 {
     }
 
     fn describe(&self) -> String {
-        format!("TLS session: TLSv1_2, cipher suite TLS_PSK_WITH_AES_128_GCM_SHA256, PSK username \"{}\"", self.user)
+        // GnuTLS nbdkit's lines.
+        format!(
+            "TLS session: (TLS1.2)-(PSK)-(AES-128-GCM)\n\
+             TLS: authentication: PSK (Pre-Shared Key)\n\
+             TLS: PSK username: {}",
+            self.user
+        )
     }
 }
 

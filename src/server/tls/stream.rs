@@ -84,7 +84,9 @@ pub async fn upgrade(tls: &Tls, r: &mut DynRead, w: &mut DynWrite) -> io::Result
     }
     crate::debug!("using TLS on this connection");
     if crate::util::log::debug_flag("nbdkit", "tls_session") != 0 {
-        crate::util::log::debug(&link.lock().describe());
+        for line in link.lock().describe().lines() {
+            crate::util::log::debug(line);
+        }
     }
     let old_r = std::mem::replace(r, Box::new(futures_lite::io::empty()));
     let old_w = std::mem::replace(w, Box::new(futures_lite::io::sink()));
