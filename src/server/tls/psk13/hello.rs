@@ -96,7 +96,7 @@ type Fail = (u8, &'static str);
 const DECODE: Fail = (DECODE_ERROR, "malformed ClientHello");
 
 fn list16(b: &[u8]) -> Option<Vec<u16>> {
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     Some(b.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect())

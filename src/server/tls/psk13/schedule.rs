@@ -138,6 +138,7 @@ impl Dir {
 
     /// Appends a protected record of inner type `typ` carrying `body` to
     /// `out` (no padding).
+    #[allow(clippy::result_unit_err)] // (the caller sends the alert)
     pub fn seal(&mut self, out: &mut Vec<u8>, typ: u8, body: &[u8]) -> Result<(), ()> {
         let len = body.len() + 1 + TAG;
         let hdr = [23, 3, 3, (len >> 8) as u8, len as u8];
