@@ -993,3 +993,75 @@ fn tls_log_shows_the_tls_library() {
         assert_eq!(text.contains("debug: rustls::server::hs: we got a clienthello"), level.is_some(), "{level:?}: {text}");
     }
 }
+
+/// X.509 sessions on our record layer (records.rs) after rustls'
+/// handshake: a random 512 MiB image copied in and out with four
+/// connections, over a Unix socket and over TCP, checksums compared.
+#[test]
+fn x509_nbdcopy_512m_unix_and_tcp_multi_conn() {
+    let d = TempDir::new("tls-512m");
+    let pki = d.path("pki");
+    make_pki(&pki);
+    let (src, out) = (d.path("src.img"), d.path("out.img"));
+    {
+        let mut f = std::fs::File::create(&src).unwrap();
+        let mut r = std::fs::File::open("/dev/urandom").unwrap().take(512 << 20);
+        std::io::copy(&mut r, &mut f).unwrap();
+    }
+    let want = sha256(&src);
+    {
+        let srv = Server::start_with(&["--tls=require", "--tls-certificates", s(&pki)], &["memory", "512M"]);
+        let uri = tls_uri(&srv, &pki);
+        run_ok("nbdcopy", &["--connections=4", s(&src), &uri]);
+        run_ok("nbdcopy", &["--connections=4", &uri, s(&out)]);
+        assert_eq!(sha256(&out), want, "Unix socket");
+    }
+    std::fs::remove_file(&out).unwrap();
+    let srv = TcpServer::start(&["--tls=require", "--tls-certificates", s(&pki), "memory", "512M"]);
+    let uri = format!("nbds://localhost:{}/?tls-certificates={}", srv.port, pki.display());
+    run_ok("nbdcopy", &["--connections=4", s(&src), &uri]);
+    run_ok("nbdcopy", &["--connections=4", &uri, s(&out)]);
+    assert_eq!(sha256(&out), want, "TCP");
+}
+
+/// Every TLS 1.2 AEAD (OpenSSL through Python's ssl, which can choose
+/// the cipher) and TLS 1.3 with the server's choice, each through the
+/// real server: 1 MiB written and read back, then the server's close_notify.
+#[test]
+fn x509_every_aead_with_openssl() {
+    let d = TempDir::new("tls-aeads");
+    let pki = d.path("pki");
+    make_pki(&pki);
+    let srv = Server::start_with(&["--tls=require", "--tls-certificates", s(&pki), "-D", "nbdkit.tls_session=1"], &["memory", "4M"]);
+    let (sock, ca) = (srv.sock.display().to_string(), pki.join("ca-cert.pem").display().to_string());
+    let out = python(&format!(
+        r#"
+def session(tls12, cipher):
+    s = conn('{sock}')
+    opt(s, STARTTLS); o, t, p = reply(s); assert t == ACK
+    c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname = False; c.load_verify_locations('{ca}')
+    if tls12:
+        c.maximum_version = ssl.TLSVersion.TLSv1_2
+        c.set_ciphers(cipher)
+    t = c.wrap_socket(s, suppress_ragged_eofs=False)
+    assert go(t) == ACK
+    data = bytes((i * 7 + len(cipher)) & 255 for i in range(1 << 20))
+    t.sendall(struct.pack('>IHHQQI', 0x25609513, 0, 1, 1, 0, len(data)) + data)   # WRITE
+    m, err, cookie = struct.unpack('>IIQ', rd(t, 16)); assert (m, err, cookie) == (0x67446698, 0, 1)
+    for k in range(4):
+        n = [4096, 16384 - 16, 16384, 1 << 20][k]
+        t.sendall(struct.pack('>IHHQQI', 0x25609513, 0, 0, 2 + k, 0, n))   # READ
+        m, err, cookie = struct.unpack('>IIQ', rd(t, 16)); assert (m, err, cookie) == (0x67446698, 0, 2 + k)
+        assert rd(t, n) == data[:n]
+    t.sendall(struct.pack('>IHHQQI', 0x25609513, 0, 2, 9, 0, 0))   # DISC
+    print(t.version(), t.cipher()[0])
+    assert t.recv(1) == b''   # the server's close_notify (a bare EOF would raise)
+    t.close()
+for tls12, cipher in [(1, 'ECDHE-RSA-AES128-GCM-SHA256'), (1, 'ECDHE-RSA-AES256-GCM-SHA384'), (1, 'ECDHE-RSA-CHACHA20-POLY1305'), (0, '')]:
+    session(tls12, cipher)
+"#
+    ));
+    for want in ["TLSv1.2 ECDHE-RSA-AES128-GCM-SHA256", "TLSv1.2 ECDHE-RSA-AES256-GCM-SHA384", "TLSv1.2 ECDHE-RSA-CHACHA20-POLY1305", "TLSv1.3 TLS_AES_128_GCM_SHA256"] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+}

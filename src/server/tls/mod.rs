@@ -10,9 +10,11 @@ pub mod engine;
 pub mod psk;
 mod psk12;
 pub mod psk13;
+pub mod records;
 pub mod stream;
 #[cfg(test)]
 mod tests;
+mod x509;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -208,6 +210,9 @@ pub fn x509_config(dir: &Path, verify_peer: bool) -> Result<rustls::ServerConfig
     // Session tickets would be of no use: nbd clients do not resume.
     config.send_tls13_tickets = 0;
     config.ignore_client_order = true;
+    // The traffic keys go to our record layer once the handshake is over
+    // (x509.rs, records.rs).
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 

@@ -135,6 +135,7 @@ pub fn choose(raw: &[u8]) -> Option<Version> {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // (one per connection, never moved after the choice)
 enum Chosen {
     Waiting,
     V12(Box<super::psk12::Psk12>),
