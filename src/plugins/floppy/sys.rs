@@ -98,7 +98,8 @@ pub fn cached(fd: BorrowedFd<'_>, at: u64, len: u64) -> bool {
                       &mut cs as *mut Cachestat, 0 as libc::c_long)
     };
     // Pages of 4 KiB or more: never more pages than this in the range.
-    r == 0 && cs.nr_cache >= (at + len - 1) / PAGE - at / PAGE + 1
+    let pages = (at + len - 1) / PAGE - at / PAGE + 1;
+    r == 0 && cs.nr_cache >= pages
 }
 
 /// What the scan keeps of a `stat`.
