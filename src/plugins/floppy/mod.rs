@@ -18,10 +18,11 @@ mod scan;
 mod sys;
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
+use std::sync::Arc;
 
 use self::layout::{Kind, Layout};
 use self::scan::HostFile;
@@ -42,8 +43,13 @@ struct Floppy {
 struct Disk {
     layout: Layout,
     hosts: Vec<HostFile>,
-    /// Host files opened so far, kept open.
-    open: Vec<OnceLock<File>>,
+    /// Each host file's name, and the host path of each directory.
+    names: Vec<String>,
+    dir_paths: Vec<PathBuf>,
+    /// The descriptor of each host file kept open, -1 until then: set
+    /// once (compare and swap, no lock a reader could wait on), closed
+    /// when the disk goes.
+    fds: Vec<AtomicI32>,
     /// How many more files may be kept open.
     fd_budget: AtomicI64,
 }
@@ -79,34 +85,38 @@ impl Plugin for Floppy {
 
     fn get_ready(&mut self) -> Result<()> {
         let dir = self.dir.as_ref().ok_or_else(|| Error::invalid("floppy: no dir="))?;
-        let (tree, hosts) = scan::scan(dir).map_err(Error::invalid)?;
+        let scan::Scanned { tree, hosts, dir_paths } = scan::scan(dir).map_err(Error::invalid)?;
         let label = self.label.as_deref().unwrap_or("NBDKITFLOPY");
         let layout = layout::build(&tree, label, self.size).map_err(Error::invalid)?;
         crate::debug!("floppy: {} directories and {} files, {} clusters used, disk size {}",
                       tree.dirs.len(), tree.files.len(), layout.geometry.used, layout.geometry.disk_size);
         let fd_budget = AtomicI64::new(fd_budget(hosts.len()));
-        let open = (0..hosts.len()).map(|_| OnceLock::new()).collect();
-        self.disk = Some(Arc::new(Disk { layout, hosts, open, fd_budget }));
+        let fds = (0..hosts.len()).map(|_| AtomicI32::new(-1)).collect();
+        let names = tree.files.into_iter().map(|f| f.name).collect();
+        self.disk = Some(Arc::new(Disk { layout, hosts, names, dir_paths, fds, fd_budget }));
         Ok(())
     }
 
     /// Opens the host files in the background (as many as the budget
     /// allows), so the first read of each does not pay for it and start-up
-    /// does not wait for it. A read that comes first opens the file itself;
-    /// a file that fails to open here is retried, and reported, by the
-    /// read that needs it.
+    /// does not wait for it. The thread runs at SCHED_IDLE priority: only
+    /// when the server has nothing else to do, so it delays neither the
+    /// first accept nor a request. A read that comes first opens the file
+    /// itself; a file that fails to open here is retried, and reported,
+    /// by the read that needs it.
     fn after_fork(&self) -> Result<()> {
         let Some(disk) = self.disk.clone() else { return Ok(()) };
         let spawned = std::thread::Builder::new().name("floppy-open".into()).spawn(move || {
+            sys::idle_priority();
             for i in 0..disk.hosts.len() {
-                if disk.hosts[i].size == 0 || disk.open[i].get().is_some() {
+                if disk.hosts[i].size == 0 || disk.kept(i).is_some() {
                     continue;
                 }
                 if disk.fd_budget.fetch_sub(1, Ordering::Relaxed) <= 0 {
                     disk.fd_budget.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
-                let kept = disk.open_host(i).is_ok_and(|f| disk.open[i].set(f).is_ok());
+                let kept = disk.open_host(i).is_ok_and(|f| disk.keep(i, f));
                 if !kept {
                     disk.fd_budget.fetch_add(1, Ordering::Relaxed);
                 }
@@ -146,20 +156,93 @@ fn fd_budget(files: usize) -> i64 {
     lim.rlim_cur.saturating_sub(RESERVE).min(i64::MAX as u64) as i64
 }
 
+impl Drop for Disk {
+    fn drop(&mut self) {
+        for fd in &self.fds {
+            let fd = fd.load(Ordering::Acquire);
+            if fd >= 0 {
+                // SAFETY: a descriptor this disk owns (`keep`), closed once.
+                drop(unsafe { File::from_raw_fd(fd) });
+            }
+        }
+    }
+}
+
+/// A host file's descriptor for one read: the one kept open, or one
+/// opened for this read only (past the descriptor budget).
+enum HostFd<'a> {
+    Kept(BorrowedFd<'a>),
+    Once(File),
+}
+
+impl HostFd<'_> {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            HostFd::Kept(fd) => *fd,
+            HostFd::Once(f) => f.as_fd(),
+        }
+    }
+}
+
 impl Disk {
+    /// Host file `i`'s path.
+    fn path(&self, i: usize) -> PathBuf {
+        self.dir_paths[self.hosts[i].dir as usize].join(&self.names[i])
+    }
+
+    /// Host file `i`'s descriptor if it is kept open.
+    #[allow(unsafe_code)]
+    fn kept(&self, i: usize) -> Option<BorrowedFd<'_>> {
+        let fd = self.fds[i].load(Ordering::Acquire);
+        // SAFETY: a kept descriptor stays open until the disk is dropped,
+        // which cannot happen while `self` is borrowed.
+        (fd >= 0).then(|| unsafe { BorrowedFd::borrow_raw(fd) })
+    }
+
+    /// Keeps `f` open as host file `i`'s descriptor; false (and `f` is
+    /// closed) if another thread was first.
+    fn keep(&self, i: usize, f: File) -> bool {
+        let fd = f.into_raw_fd();
+        if self.fds[i].compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            return true;
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: `fd` came from `f` just above and nobody else has it.
+        drop(unsafe { File::from_raw_fd(fd) });
+        false
+    }
+
+    /// Host file `i`, opened if it is not kept yet (and kept if the
+    /// budget allows).
+    fn host_fd(&self, i: usize) -> Result<HostFd<'_>> {
+        if let Some(fd) = self.kept(i) {
+            return Ok(HostFd::Kept(fd));
+        }
+        let f = self.open_host(i)?;
+        if self.fd_budget.fetch_sub(1, Ordering::Relaxed) > 0 {
+            if !self.keep(i, f) {
+                self.fd_budget.fetch_add(1, Ordering::Relaxed); // another thread was first
+            }
+            return Ok(HostFd::Kept(self.kept(i).expect("kept above")));
+        }
+        self.fd_budget.fetch_add(1, Ordering::Relaxed);
+        Ok(HostFd::Once(f))
+    }
+
     /// Opens host file `i`, checking it is still the file that was scanned.
     fn open_host(&self, i: usize) -> Result<File> {
         let h = &self.hosts[i];
+        let path = self.path(i);
         let f = File::options()
             .read(true)
             // O_NONBLOCK: a FIFO swapped in since the scan must not hang the open.
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(&h.path)
+            .open(&path)
             // EIO whatever the cause: the disk is there, this part of it is not.
-            .map_err(|e| Error::io(Error::os(format_args!("open: {}", h.path.display()), e).message().to_string()))?;
-        let m = f.metadata().map_err(|e| Error::os(format_args!("fstat: {}", h.path.display()), e))?;
+            .map_err(|e| Error::io(Error::os(format_args!("open: {}", path.display()), e).message().to_string()))?;
+        let m = f.metadata().map_err(|e| Error::os(format_args!("fstat: {}", path.display()), e))?;
         if (m.dev(), m.ino()) != (h.dev, h.ino) || !m.is_file() {
-            return Err(Error::io(format!("{}: file was replaced since the floppy was made", h.path.display())));
+            return Err(Error::io(format!("{}: file was replaced since the floppy was made", path.display())));
         }
         Ok(f)
     }
@@ -167,12 +250,12 @@ impl Disk {
     fn changed(&self, i: usize, now: u64) -> Error {
         let h = &self.hosts[i];
         Error::io(format!("{}: file changed size while served (was {} bytes, now {now}): \
-                           the floppy cannot follow, restart the server", h.path.display(), h.size))
+                           the floppy cannot follow, restart the server", self.path(i).display(), h.size))
     }
 
-    /// EIO unless host file `i` (open as `f`) still has its scanned size.
-    fn check_size(&self, i: usize, f: &File) -> Result<()> {
-        let now = sys::size(f).map_err(|e| Error::os(format_args!("fstat: {}", self.hosts[i].path.display()), e))?;
+    /// EIO unless host file `i` (open as `fd`) still has its scanned size.
+    fn check_size(&self, i: usize, fd: BorrowedFd<'_>) -> Result<()> {
+        let now = sys::size(fd).map_err(|e| Error::os(format_args!("fstat: {}", self.path(i).display()), e))?;
         if now != self.hosts[i].size {
             return Err(self.changed(i, now));
         }
@@ -181,37 +264,20 @@ impl Disk {
 
     /// Reads `buf` from host file `i` at `offset` (within its size).
     fn read_host(&self, i: usize, buf: &mut [u8], offset: u64) -> Result<()> {
-        let temp;
-        let f = match self.open[i].get() {
-            Some(f) => f,
-            None => {
-                let f = self.open_host(i)?;
-                if self.fd_budget.fetch_sub(1, Ordering::Relaxed) > 0 {
-                    if let Err(f) = self.open[i].set(f) {
-                        drop(f); // another connection was first
-                        self.fd_budget.fetch_add(1, Ordering::Relaxed);
-                    }
-                    self.open[i].get().expect("set above")
-                } else {
-                    self.fd_budget.fetch_add(1, Ordering::Relaxed);
-                    temp = f;
-                    &temp
-                }
-            }
-        };
-        self.check_size(i, f)?;
-        let h = &self.hosts[i];
+        let f = self.host_fd(i)?;
+        let fd = f.fd();
+        self.check_size(i, fd)?;
         let mut done = 0;
         while done < buf.len() {
-            match f.read_at(&mut buf[done..], offset + done as u64) {
+            match sys::pread(fd, &mut buf[done..], offset + done as u64) {
                 Ok(0) => {
-                    let now = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    let now = sys::size(fd).unwrap_or(0);
                     return Err(self.changed(i, now));
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return Err(Error::os(format_args!("pread: {}: offset={offset}, count={}", h.path.display(), buf.len()), e))
+                    return Err(Error::os(format_args!("pread: {}: offset={offset}, count={}", self.path(i).display(), buf.len()), e))
                 }
             }
         }
@@ -229,12 +295,12 @@ impl Disk {
     fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
         let mut blocked = false;
         let r = self.read_with(buf, offset, &mut |i, data, o| {
-            let Some(f) = self.open[i].get() else {
+            let Some(fd) = self.kept(i) else {
                 blocked = true;
                 return Err(Error::io("would block"));
             };
-            self.check_size(i, f)?;
-            match sys::pread_nowait(f, data, o) {
+            self.check_size(i, fd)?;
+            match sys::pread_nowait(fd, data, o) {
                 Ok(true) => Ok(()),
                 Ok(false) | Err(_) => {
                     // Not cached, or an error the blocking path reports.
@@ -244,6 +310,34 @@ impl Disk {
             }
         });
         if blocked { None } else { Some(r) }
+    }
+
+    /// The kept descriptor and file offset of `[offset, offset+count)` if
+    /// the range is all inside one host file's bytes (not its padding),
+    /// the file still has its scanned size and, with `cached_only`, the
+    /// range is in the page cache: for the server's `sendfile`.
+    fn file_range(&self, count: usize, offset: u64, cached_only: bool) -> Option<(RawFd, u64)> {
+        let l = &self.layout;
+        let region = l.regions.get(l.region_at(offset))?;
+        let Kind::File(i) = region.kind else { return None };
+        let o = offset - region.start;
+        if o.checked_add(count as u64)? > self.hosts[i].size {
+            return None;
+        }
+        let fd = match self.kept(i) {
+            Some(fd) => fd,
+            None if cached_only => return None,
+            None => match self.host_fd(i).ok()? {
+                HostFd::Kept(fd) => fd,
+                HostFd::Once(_) => return None,
+            },
+        };
+        // A changed file: `pread` gives the EIO.
+        self.check_size(i, fd).ok()?;
+        if cached_only && !sys::cached(fd, o, count as u64) {
+            return None;
+        }
+        Some((fd.as_raw_fd(), o))
     }
 
     /// The walk over regions; `host(i, buf, offset)` reads host file `i`.
@@ -310,6 +404,10 @@ impl Handle for FloppyHandle {
     /// answers on the thread that read the request.
     fn pread_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
         self.disk.read_nowait(buf, offset)
+    }
+    /// Big reads inside one host file's bytes go out with `sendfile`.
+    fn pread_fd(&self, count: usize, offset: u64, cached_only: bool) -> Option<(RawFd, u64)> {
+        self.disk.file_range(count, offset, cached_only)
     }
     /// Zero regions (the gap before the partition, the free space of
     /// `size=`) are holes; the rest is data.

@@ -133,30 +133,49 @@ pub fn lfn_slots(units: usize) -> usize {
     1 + units * 2 / 26
 }
 
-/// The LFN slots of `name` for short name `short`, in the order they are
-/// stored (highest sequence number first, with bit 0x40).
-pub fn lfn_entries(name: &str, short: &ShortName) -> Vec<[u8; 32]> {
-    let units: Vec<u16> = name.encode_utf16().collect();
+/// Appends the LFN slots of `name` for short name `short` to `out`, in
+/// the order they are stored (highest sequence number first, with bit
+/// 0x40). Nothing is allocated for names of up to 256 bytes.
+pub fn push_lfn(out: &mut Vec<u8>, name: &str, short: &ShortName) {
+    let mut stack = [0u16; 256];
+    let heap: Vec<u16>;
+    // A name has no more UTF-16 units than UTF-8 bytes.
+    let units: &[u16] = if name.len() <= stack.len() {
+        let mut n = 0;
+        for u in name.encode_utf16() {
+            stack[n] = u;
+            n += 1;
+        }
+        &stack[..n]
+    } else {
+        heap = name.encode_utf16().collect();
+        &heap
+    };
     let n = lfn_slots(units.len());
     let sum = checksum(short);
     // Character positions of the 13 UTF-16 units inside a slot.
     const POS: [usize; 13] = [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30];
-    (0..n)
-        .rev()
-        .map(|k| {
-            let mut e = [0u8; 32];
-            e[0] = (k + 1) as u8 | if k == n - 1 { 0x40 } else { 0 };
-            e[11] = 0x0f;
-            e[13] = sum;
-            for (i, &p) in POS.iter().enumerate() {
-                // Past the end: the terminating NUL, then zeroes (nbdkit's
-                // padding; the spec's 0xFFFF is optional for readers).
-                let u = units.get(k * 13 + i).copied().unwrap_or(0);
-                e[p..p + 2].copy_from_slice(&u.to_le_bytes());
-            }
-            e
-        })
-        .collect()
+    for k in (0..n).rev() {
+        let mut e = [0u8; 32];
+        e[0] = (k + 1) as u8 | if k == n - 1 { 0x40 } else { 0 };
+        e[11] = 0x0f;
+        e[13] = sum;
+        for (i, &p) in POS.iter().enumerate() {
+            // Past the end: the terminating NUL, then zeroes (nbdkit's
+            // padding; the spec's 0xFFFF is optional for readers).
+            let u = units.get(k * 13 + i).copied().unwrap_or(0);
+            e[p..p + 2].copy_from_slice(&u.to_le_bytes());
+        }
+        out.extend_from_slice(&e);
+    }
+}
+
+/// The LFN slots of `name` for short name `short`, in stored order.
+#[cfg(test)]
+pub fn lfn_entries(name: &str, short: &ShortName) -> Vec<[u8; 32]> {
+    let mut out = Vec::new();
+    push_lfn(&mut out, name, short);
+    out.chunks(32).map(|c| c.try_into().unwrap()).collect()
 }
 
 /// Reads a long name back from LFN slots in stored order (round-trip tests).

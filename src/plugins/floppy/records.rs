@@ -2,10 +2,10 @@
 //! label, `.`, `..`, LFN slots and 8.3 entries), and DOS timestamps.
 //!
 //! Pure functions; the only outside input is the local-time conversion,
-//! which [`DosTimes::from_unix`] takes from libc as nbdkit does (so the
+//! which [`Clock`] takes from libc as nbdkit does (so the
 //! same TZ gives nbdkit's bytes).
 
-use super::names::{lfn_entries, lfn_slots, ShortName};
+use super::names::{lfn_slots, push_lfn, ShortName};
 
 /// Size of one directory record.
 pub const RECORD: usize = 32;
@@ -26,7 +26,7 @@ pub struct DosTimes {
 }
 
 /// A broken-down local time.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tm {
     pub year: i32, // e.g. 2026
     pub mon: u32,  // 1..=12
@@ -75,13 +75,34 @@ pub fn localtime(t: i64) -> Tm {
     }
 }
 
-impl DosTimes {
-    /// From a file's atime, mtime and ctime (seconds since the epoch).
-    pub fn from_unix(atime: i64, mtime: i64, ctime: i64) -> DosTimes {
-        let c = localtime(ctime);
+/// [`localtime`] with a memo of the last few seconds converted: the
+/// entries of a tree often share their times (written by one script,
+/// unpacked by one tar, atime = mtime = ctime), and each conversion takes
+/// libc's lock and walks the zone's rules. Exact: only equal seconds hit.
+#[derive(Default)]
+pub struct Clock {
+    memo: [Option<(i64, Tm)>; 4],
+    next: usize,
+}
+
+impl Clock {
+    pub fn local(&mut self, t: i64) -> Tm {
+        if let Some((_, tm)) = self.memo.iter().flatten().find(|(k, _)| *k == t) {
+            return *tm;
+        }
+        let tm = localtime(t);
+        self.memo[self.next] = Some((t, tm));
+        self.next = (self.next + 1) % self.memo.len();
+        tm
+    }
+
+    /// The DOS times of an entry with these atime, mtime and ctime
+    /// (seconds since the epoch).
+    pub fn times(&mut self, atime: i64, mtime: i64, ctime: i64) -> DosTimes {
+        let c = self.local(ctime);
         let (cdate, ctime_) = dos_date_time(c);
-        let (mdate, mtime_) = dos_date_time(localtime(mtime));
-        let (adate, _) = dos_date_time(localtime(atime));
+        let (mdate, mtime_) = dos_date_time(self.local(mtime));
+        let (adate, _) = dos_date_time(self.local(atime));
         DosTimes { ctime_10ms: if c.year >= 1980 { 100 * (c.sec % 2) as u8 } else { 0 }, ctime: ctime_, cdate, adate, mtime: mtime_, mdate }
     }
 }
@@ -148,9 +169,7 @@ pub fn table(head: &Head, entries: &[Entry<'_>]) -> Vec<u8> {
         }
     }
     for e in entries {
-        for slot in lfn_entries(e.name, &e.short) {
-            t.extend_from_slice(&slot);
-        }
+        push_lfn(&mut t, e.name, &e.short);
         let attr = if e.is_dir { ATTR_DIR } else { ATTR_ARCHIVE };
         t.extend_from_slice(&short_record(&e.short, attr, &e.times, e.cluster, e.size));
     }
@@ -177,6 +196,19 @@ mod tests {
         assert_eq!(dos_date_time(tm), (0x3f8d, 0x71e8)); // Debian's nbdkit, same stat
         assert_eq!(dos_date_time(Tm { year: 1970, ..tm }).0, 0x21);
         assert_eq!(dos_date_time(Tm { year: 3000, ..tm }).0 >> 9, 127);
+    }
+
+    #[test]
+    fn clock_memo_gives_what_localtime_gives() {
+        let mut c = Clock::default();
+        let ts = [0i64, 1_700_000_000, 1_700_000_000, 1_700_000_001, -1, 1_700_000_000, 4_000_000_000,
+                  1_711_846_799, 1_711_846_800, 1_700_000_001, 86_399, 86_400, 1_700_000_000];
+        for t in ts {
+            assert_eq!(c.local(t), localtime(t), "{t}");
+        }
+        let d = c.times(1_700_000_000, 1_700_000_001, 1_700_000_003);
+        assert_eq!((d.mdate, d.mtime), dos_date_time(localtime(1_700_000_001)));
+        assert_eq!(d.ctime_10ms, 100 * (localtime(1_700_000_003).sec % 2) as u8);
     }
 
     #[test]
