@@ -4,7 +4,7 @@
 
 mod evict;
 mod handle;
-mod sys;
+pub(crate) mod sys;
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

@@ -350,7 +350,7 @@ impl Handle for FileHandle {
             if !self.memo.cachestat.on() {
                 return None;
             }
-            match sys::cached(&self.file, offset, count as u64) {
+            match sys::cached(std::os::fd::AsFd::as_fd(&self.file), offset, count as u64) {
                 Ok(true) => {}
                 Ok(false) => return None,
                 Err(e) => {

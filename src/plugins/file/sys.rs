@@ -6,7 +6,7 @@ use std::ffi::{CStr, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use libc::{c_int, c_uint, c_ushort, Ioctl};
@@ -180,7 +180,7 @@ struct Cachestat {
 
 /// True if every page of `[offset, offset+len)` is in the page cache
 /// (`cachestat(2)`: one call, nothing copied). ENOSYS on older kernels.
-pub fn cached(f: &File, offset: u64, len: u64) -> io::Result<bool> {
+pub fn cached(f: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<bool> {
     if len == 0 {
         return Ok(true);
     }

@@ -62,44 +62,10 @@ pub fn idle_priority() {
     }
 }
 
-const SYS_CACHESTAT: libc::c_long = 451;
-
-#[repr(C)]
-struct CachestatRange {
-    off: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Cachestat {
-    nr_cache: u64,
-    nr_dirty: u64,
-    nr_writeback: u64,
-    nr_evicted: u64,
-    nr_recently_evicted: u64,
-}
-
-/// True if every page of `[at, at+len)` is in the page cache
-/// (`cachestat(2)`, Linux 6.5: one call, nothing copied); false if not,
-/// or if the kernel cannot tell.
-#[allow(unsafe_code)]
+/// True if every page of `[at, at+len)` is in the page cache (the file
+/// plugin's `cachestat(2)`); false if not, or if the kernel cannot tell.
 pub fn cached(fd: BorrowedFd<'_>, at: u64, len: u64) -> bool {
-    const PAGE: u64 = 4096;
-    if len == 0 {
-        return true;
-    }
-    let range = CachestatRange { off: at, len };
-    let mut cs = Cachestat::default();
-    // SAFETY: the kernel reads `range` and writes `cs`, both live and of
-    // the layout cachestat(2) defines; flags must be 0.
-    let r = unsafe {
-        libc::syscall(SYS_CACHESTAT, fd.as_raw_fd() as libc::c_long, &range as *const CachestatRange,
-                      &mut cs as *mut Cachestat, 0 as libc::c_long)
-    };
-    // Pages of 4 KiB or more: never more pages than this in the range.
-    let pages = (at + len - 1) / PAGE - at / PAGE + 1;
-    r == 0 && cs.nr_cache >= pages
+    crate::plugins::file::sys::cached(fd, at, len).unwrap_or(false)
 }
 
 /// What the scan keeps of a `stat`.

@@ -26,3 +26,14 @@ pub trait Engine: Send {
 
 /// rustls for the handshake, then our record layer (x509.rs).
 pub use super::x509::Rustls;
+
+/// Writes out the records queued in `out` and empties it, even when the
+/// write fails (a session whose write failed is over).
+pub fn write_out(out: &mut Vec<u8>, w: &mut dyn Write) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let r = w.write_all(out);
+    out.clear();
+    r
+}

@@ -430,12 +430,7 @@ impl Engine for Psk12 {
     }
 
     fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
-        if !self.out.is_empty() {
-            let r = w.write_all(&self.out);
-            self.out.clear();
-            r?;
-        }
-        Ok(())
+        super::engine::write_out(&mut self.out, w)
     }
 
     fn handshaking(&self) -> bool {

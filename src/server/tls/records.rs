@@ -523,12 +523,7 @@ impl Session {
     /// Writes every queued record to `w`.
     pub fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
         self.close_open();
-        if !self.out.is_empty() {
-            let r = w.write_all(&self.out);
-            self.out.clear();
-            r?;
-        }
-        Ok(())
+        super::engine::write_out(&mut self.out, w)
     }
 
     /// Queues close_notify (once).

@@ -222,12 +222,7 @@ impl Engine for Rustls {
         match &mut self.phase {
             Phase::Records(s) => s.flush_to(w),
             _ => {
-                if !self.out.is_empty() {
-                    let r = w.write_all(&self.out);
-                    self.out.clear();
-                    r?;
-                }
-                Ok(())
+                super::engine::write_out(&mut self.out, w)
             }
         }
     }

@@ -645,12 +645,7 @@ impl Engine for Psk13 {
     }
 
     fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
-        if !self.out.is_empty() {
-            let r = w.write_all(&self.out);
-            self.out.clear();
-            r?;
-        }
-        Ok(())
+        crate::server::tls::engine::write_out(&mut self.out, w)
     }
 
     fn handshaking(&self) -> bool {
