@@ -147,41 +147,7 @@ impl Plugin for Eval {
         self.core.engine()?.call_ok("config_complete", &[]).map(|_| ())
     }
 
-    fn thread_model(&self) -> ThreadModel {
-        self.core.thread_model()
-    }
-
-    fn dump_plugin(&self) -> Vec<String> {
-        self.core.dump_plugin()
-    }
-
-    fn get_ready(&mut self) -> Result<()> {
-        self.core.simple("get_ready", &[])
-    }
-
-    fn after_fork(&self) -> Result<()> {
-        self.core.simple("after_fork", &[])
-    }
-
-    fn cleanup(&self) {
-        self.core.unload();
-    }
-
-    fn preconnect(&self, readonly: bool) -> Result<()> {
-        self.core.simple("preconnect", &[tf(readonly)])
-    }
-
-    fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<Export>> {
-        self.core.list_exports(readonly, is_tls)
-    }
-
-    fn default_export(&self, readonly: bool, is_tls: bool) -> Option<String> {
-        self.core.default_export(readonly, is_tls)
-    }
-
-    fn open(&self, readonly: bool, export: &str, is_tls: bool) -> Result<Box<dyn Handle>> {
-        self.core.open(readonly, export, is_tls)
-    }
+    core_methods!();
 }
 
 inventory::submit! {

@@ -5,6 +5,48 @@
 //! (exit codes, errno rules, each method's output), and this file is the
 //! plugin and its handle, which `eval` shares.
 
+/// The `Plugin` methods the sh and eval plugins both hand to their
+/// `Core` unchanged (each plugin's own are config and config_complete).
+macro_rules! core_methods {
+    () => {
+        fn thread_model(&self) -> ThreadModel {
+            self.core.thread_model()
+        }
+
+        fn dump_plugin(&self) -> Vec<String> {
+            self.core.dump_plugin()
+        }
+
+        fn get_ready(&mut self) -> Result<()> {
+            self.core.simple("get_ready", &[])
+        }
+
+        fn after_fork(&self) -> Result<()> {
+            self.core.simple("after_fork", &[])
+        }
+
+        fn cleanup(&self) {
+            self.core.unload();
+        }
+
+        fn preconnect(&self, readonly: bool) -> Result<()> {
+            self.core.simple("preconnect", &[tf(readonly)])
+        }
+
+        fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<Export>> {
+            self.core.list_exports(readonly, is_tls)
+        }
+
+        fn default_export(&self, readonly: bool, is_tls: bool) -> Option<String> {
+            self.core.default_export(readonly, is_tls)
+        }
+
+        fn open(&self, readonly: bool, export: &str, is_tls: bool) -> Result<Box<dyn Handle>> {
+            self.core.open(readonly, export, is_tls)
+        }
+    };
+}
+
 mod call;
 mod eval;
 mod methods;
@@ -218,41 +260,7 @@ impl Plugin for Sh {
         self.core.engine()?.call_ok("config_complete", &[]).map(|_| ())
     }
 
-    fn thread_model(&self) -> ThreadModel {
-        self.core.thread_model()
-    }
-
-    fn dump_plugin(&self) -> Vec<String> {
-        self.core.dump_plugin()
-    }
-
-    fn get_ready(&mut self) -> Result<()> {
-        self.core.simple("get_ready", &[])
-    }
-
-    fn after_fork(&self) -> Result<()> {
-        self.core.simple("after_fork", &[])
-    }
-
-    fn cleanup(&self) {
-        self.core.unload();
-    }
-
-    fn preconnect(&self, readonly: bool) -> Result<()> {
-        self.core.simple("preconnect", &[tf(readonly)])
-    }
-
-    fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<Export>> {
-        self.core.list_exports(readonly, is_tls)
-    }
-
-    fn default_export(&self, readonly: bool, is_tls: bool) -> Option<String> {
-        self.core.default_export(readonly, is_tls)
-    }
-
-    fn open(&self, readonly: bool, export: &str, is_tls: bool) -> Result<Box<dyn Handle>> {
-        self.core.open(readonly, export, is_tls)
-    }
+    core_methods!();
 }
 
 /// One connection's handle: the string the script's `open` printed.
