@@ -178,9 +178,16 @@ pub fn ipv6_loopback() -> bool {
 }
 
 /// Waits up to 20 s until `addr` accepts connections (server `g` alive).
+/// A connection to itself does not count: with no listener yet, a connect
+/// from an ephemeral port to the same port on loopback can meet itself
+/// (TCP simultaneous open) and "succeed".
 pub fn wait_tcp(g: &mut Guard, addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+    let listening = || match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Ok(s) => s.local_addr().ok() != s.peer_addr().ok(),
+        Err(_) => false,
+    };
+    while !listening() {
         assert!(g.alive(), "server exited before listening on {addr}");
         assert!(Instant::now() < deadline, "server never listened on {addr}");
         thread::sleep(Duration::from_millis(10));
