@@ -9,6 +9,7 @@
 #![warn(rust_2018_idioms)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod alloc;
 pub mod backend;
 pub mod cli;
 pub mod error;
