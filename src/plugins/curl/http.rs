@@ -20,6 +20,8 @@ type Head = (u16, Vec<(String, String)>, bool);
 
 /// Redirects followed before giving up (libcurl's default since 8.3).
 const MAX_REDIRECTS: u32 = 30;
+/// The read buffer of a connection (heads, chunk lines, small bodies).
+const CONN_BUF: usize = 4 * 1024;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Bodies of error and redirect responses up to this size are read and
@@ -42,6 +44,41 @@ impl Read for Stream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
                 r => r,
             },
+        }
+    }
+}
+
+impl Stream {
+    /// The socket of a plain (not TLS) stream.
+    fn plain_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Stream::Tcp(s) => Some(s.as_raw_fd()),
+            Stream::Unix(s) => Some(s.as_raw_fd()),
+            Stream::Tls(_) => None,
+        }
+    }
+}
+
+/// Bodies of at least this many bytes (what is left of them after the
+/// bytes that came with the head) are read with `MSG_WAITALL`.
+const WAITALL_MIN: usize = 16 * 1024;
+
+/// Reads into `buf` from a plain socket with `MSG_WAITALL`: the kernel
+/// copies the data as it arrives (the receive window stays open, unlike
+/// with `SO_RCVLOWAT`) and the call returns once `buf` is full, at end of
+/// stream, on the socket's timeout or on an error: one system call per
+/// range body instead of one per burst of segments.
+fn recv_waitall(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is valid for writes of buf.len() bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_WAITALL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
@@ -200,7 +237,15 @@ impl Response<'_> {
                         0
                     } else {
                         let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                        let n = conn.rd.read(&mut buf[..want]).map_err(|e| io_err("reading body", e))?;
+                        let fd = conn.rd.get_ref().plain_fd();
+                        let n = match fd {
+                            // Nothing buffered: straight from the socket.
+                            Some(fd) if want >= WAITALL_MIN && conn.rd.buffer().is_empty() => {
+                                recv_waitall(fd, &mut buf[..want])
+                            }
+                            _ => conn.rd.read(&mut buf[..want]),
+                        }
+                        .map_err(|e| io_err("reading body", e))?;
                         *left -= n as u64;
                         n
                     }
@@ -470,7 +515,11 @@ impl Client {
             self.tcp(&u.host, u.port)?
         };
         let stream = if https { self.tls_wrap(stream, &u.host, &self.tls)? } else { stream };
-        Ok(Conn { key: self.key(u), rd: BufReader::with_capacity(64 * 1024, stream), reused: false })
+        // A small buffer: the head and the first bytes of the body land in
+        // it, the rest of a range body is read straight into the caller's
+        // buffer (a bigger one would make most of a 64 KiB body a second
+        // copy).
+        Ok(Conn { key: self.key(u), rd: BufReader::with_capacity(CONN_BUF, stream), reused: false })
     }
 
     fn proxy_auth(&self) -> Option<String> {
