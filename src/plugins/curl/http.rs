@@ -594,12 +594,14 @@ impl Client {
                 custom.push((n.clone(), v));
             }
         }
-        let mut head = format!("{} {} {}\r\n", req.method, target, version);
+        use std::fmt::Write as _;
+        let mut head = String::with_capacity(256);
+        let _ = write!(head, "{} {} {}\r\n", req.method, target, version);
         for (n, v) in defaults.iter().chain(custom.iter()) {
             if v.is_empty() {
-                head.push_str(&format!("{n}:\r\n"));
+                let _ = write!(head, "{n}:\r\n");
             } else {
-                head.push_str(&format!("{n}: {v}\r\n"));
+                let _ = write!(head, "{n}: {v}\r\n");
             }
         }
         head.push_str("\r\n");
@@ -665,12 +667,13 @@ impl Client {
                     jar.set_cookie(&u, v);
                 }
             }
-            let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
-            let conn_hdr = get("connection").unwrap_or_default().to_ascii_lowercase();
-            let keep_alive = if version11 { !conn_hdr.contains("close") } else { conn_hdr.contains("keep-alive") };
+            let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.as_str());
+            let has = |v: &str, word: &str| v.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word.as_bytes()));
+            let conn_hdr = get("connection").unwrap_or_default();
+            let keep_alive = if version11 { !has(conn_hdr, "close") } else { has(conn_hdr, "keep-alive") };
             let body = if method == "HEAD" || status == 204 || status == 304 {
                 Framing::Empty
-            } else if get("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked")) {
+            } else if get("transfer-encoding").is_some_and(|t| has(t, "chunked")) {
                 Framing::Chunked(None)
             } else if let Some(cl) = get("content-length") {
                 Framing::Length(cl.trim().parse().map_err(|_| (None, Error::io(format!("bad Content-Length: {cl}"))))?)
@@ -714,6 +717,36 @@ fn log_out(head: &str) {
 
 /// Read a response head (skipping 1xx): status, headers, HTTP/1.1?
 fn read_head(rd: &mut BufReader<Stream>) -> Result<Head> {
+    // The usual case: the whole head is in the buffer already: parsed in
+    // place (no line-by-line copies).
+    loop {
+        let avail = rd.buffer();
+        let Some(end) = avail.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else { break };
+        let mut hs = [httparse::EMPTY_HEADER; 128];
+        let mut r = httparse::Response::new(&mut hs);
+        let Ok(httparse::Status::Complete(n)) = r.parse(&avail[..end]) else { break };
+        if n != end {
+            break;
+        }
+        let status = r.code.unwrap_or(0);
+        if verbose() {
+            for l in String::from_utf8_lossy(&avail[..end]).lines().filter(|l| !l.is_empty()) {
+                crate::util::log::debug(&format!("S: {l}"));
+            }
+        }
+        if (100..200).contains(&status) {
+            rd.consume(end);
+            continue;
+        }
+        let headers: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).trim().to_string()))
+            .collect();
+        let v11 = r.version == Some(1);
+        rd.consume(end);
+        return Ok((status, headers, v11));
+    }
     for _ in 0..16 {
         let mut buf: Vec<u8> = Vec::new();
         loop {
@@ -772,6 +805,34 @@ pub fn parse_content_range(v: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Heads read from the connection buffer in place (whole head there,
+    /// after a 1xx), line by line (head split across writes, bare LF),
+    /// and the body left for the caller in both cases.
+    #[test]
+    fn response_heads_in_place_and_split() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut rd = BufReader::with_capacity(CONN_BUF, Stream::Unix(a));
+        b.write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 206 Partial Content\r\nContent-Length: 3\r\nX-A:  b \r\n\r\nabc").unwrap();
+        let (st, h, v11) = read_head(&mut rd).unwrap();
+        assert_eq!((st, v11), (206, true));
+        assert_eq!(h, vec![("Content-Length".into(), "3".into()), ("X-A".into(), "b".into())]);
+        let mut body = [0; 3];
+        rd.read_exact(&mut body).unwrap();
+        assert_eq!(&body, b"abc");
+        let t = std::thread::spawn(move || {
+            b.write_all(b"HTTP/1.0 200 OK\nConn").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            b.write_all(b"ection: close\n\nxy").unwrap();
+        });
+        let (st, h, v11) = read_head(&mut rd).unwrap();
+        assert_eq!((st, v11), (200, false));
+        assert_eq!(h, vec![("Connection".into(), "close".into())]);
+        t.join().unwrap();
+        let mut body = [0; 2];
+        rd.read_exact(&mut body).unwrap();
+        assert_eq!(&body, b"xy");
+    }
 
     #[test]
     fn base64_encodes() {

@@ -37,13 +37,12 @@ impl Shared {
     /// Headers and cookie for a request to `u` (scripts run here when due).
     fn extra(&self, u: &Url) -> Result<Extra> {
         let cfg = self.client.config();
-        let url = self.url.display();
         let headers = match &self.header_script {
-            Some(s) => s.headers(&url)?,
+            Some(s) => s.headers(&self.url.display())?,
             None => cfg.headers.clone(),
         };
         let mut cookie = match &self.cookie_script {
-            Some(s) => Some(s.cookie(&url)?).filter(|c| !c.is_empty()),
+            Some(s) => Some(s.cookie(&self.url.display())?).filter(|c| !c.is_empty()),
             None => cfg.cookie.clone(),
         };
         if let Some(j) = self.client.jar.as_ref().and_then(|j| j.header(u)) {
