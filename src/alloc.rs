@@ -234,15 +234,15 @@ unsafe impl GlobalAlloc for MidCache {
         match (cached(&layout), cached(&new_layout)) {
             (None, None) => unsafe { System.realloc(p, layout, new_size) },
             (Some((c, _)), Some((n, _))) if c == n => p,
-            _ => {
-                let q = unsafe { self.alloc(new_layout) };
-                if !q.is_null() {
-                    unsafe {
-                        ptr::copy_nonoverlapping(p, q, layout.size().min(new_size));
-                        self.dealloc(p, layout);
-                    }
-                }
-                q
+            // Another size: the C library's realloc on the sizes the block
+            // has and will have (a class's size for a cached one), so it
+            // can grow in place or move pages with `mremap` instead of
+            // copying; the result is then a block like any other of its
+            // new layout. Alignment ≤ 16 here, which `realloc` gives.
+            (old, new) => {
+                let from = old.map_or(layout.size(), |(_, size)| size);
+                let to = new.map_or(new_size, |(_, size)| size);
+                unsafe { System.realloc(p, Layout::from_size_align_unchecked(from, ALIGN), to) }
             }
         }
     }
