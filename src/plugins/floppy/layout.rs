@@ -349,16 +349,30 @@ impl Layout {
         }
     }
 
-    /// Fills `buf` with the bytes of a FAT from byte `offset` of it.
+    /// Fills `buf` with the bytes of a FAT from byte `offset` of it: one
+    /// binary search for the first chain, then a walk along the chains.
     pub fn read_fat(&self, buf: &mut [u8], offset: u64) {
+        let mut c = offset / 4;
+        // The first chain that ends after cluster c.
+        let mut chain = self.chain_ends.partition_point(|&e| e <= c);
         let mut pos = 0;
         while pos < buf.len() {
             let o = offset + pos as u64;
-            let entry = self.fat_entry(o / 4).to_le_bytes();
+            let entry = match c {
+                0 | 1 => self.fat_entry(c),
+                c if c < 2 + self.geometry.used => {
+                    while self.chain_ends.get(chain).is_some_and(|&e| e <= c) {
+                        chain += 1;
+                    }
+                    if self.chain_ends.get(chain) == Some(&(c + 1)) { 0x0FFF_FFFF } else { (c + 1) as u32 }
+                }
+                _ => 0,
+            };
             let skip = (o % 4) as usize;
             let n = (4 - skip).min(buf.len() - pos);
-            buf[pos..pos + n].copy_from_slice(&entry[skip..skip + n]);
+            buf[pos..pos + n].copy_from_slice(&entry.to_le_bytes()[skip..skip + n]);
             pos += n;
+            c += 1;
         }
     }
 }
@@ -428,6 +442,13 @@ mod tests {
         let mut b = [0u8; 6];
         l.read_fat(&mut b, 15);
         assert_eq!(b, [0x0f, 5, 0, 0, 0, 6]);
+        // The walk gives fat_entry's bytes from any offset.
+        let whole: Vec<u8> = (0..12).flat_map(|c| l.fat_entry(c).to_le_bytes()).collect();
+        for o in 0..whole.len() {
+            let mut got = vec![0xaa; whole.len() - o];
+            l.read_fat(&mut got, o as u64);
+            assert_eq!(got, whole[o..], "offset {o}");
+        }
         let mut at = 0;
         for r in &l.regions {
             assert_eq!(r.start, at);

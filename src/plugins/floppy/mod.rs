@@ -266,6 +266,9 @@ impl Disk {
     fn read_host(&self, i: usize, buf: &mut [u8], offset: u64) -> Result<()> {
         let f = self.host_fd(i)?;
         let fd = f.fd();
+        if offset + buf.len() as u64 == self.hosts[i].size {
+            return self.read_to_end(i, fd, buf, offset);
+        }
         self.check_size(i, fd)?;
         let mut done = 0;
         while done < buf.len() {
@@ -276,12 +279,39 @@ impl Disk {
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Error::os(format_args!("pread: {}: offset={offset}, count={}", self.path(i).display(), buf.len()), e))
-                }
+                Err(e) => return Err(self.pread_error(i, e, offset, buf.len())),
             }
         }
         Ok(())
+    }
+
+    /// Reads `buf`, the last bytes of host file `i` at its scanned size,
+    /// and checks that the file still ends there without an `fstat`: one
+    /// byte more is asked for; getting exactly `buf` means the file ends
+    /// where it did, more that it grew, less that it shrank.
+    fn read_to_end(&self, i: usize, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut extra = [0u8; 1];
+        let mut done = 0;
+        loop {
+            match sys::pread_extra(fd, &mut buf[done..], &mut extra, offset + done as u64, 0) {
+                Ok(n) if done + n == buf.len() => return Ok(()),
+                Ok(n) if n == 0 || done + n > buf.len() => {
+                    let now = sys::size(fd).unwrap_or(0);
+                    return Err(self.changed(i, now));
+                }
+                // A short read before the end: did the file shrink?
+                Ok(n) => {
+                    done += n;
+                    self.check_size(i, fd)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.pread_error(i, e, offset, buf.len())),
+            }
+        }
+    }
+
+    fn pread_error(&self, i: usize, e: std::io::Error, offset: u64, count: usize) -> Error {
+        Error::os(format_args!("pread: {}: offset={offset}, count={count}", self.path(i).display()), e)
     }
 
     /// Fills `buf` from disk offset `offset` (the range is inside the disk).
@@ -299,17 +329,48 @@ impl Disk {
                 blocked = true;
                 return Err(Error::io("would block"));
             };
-            self.check_size(i, fd)?;
-            match sys::pread_nowait(fd, data, o) {
-                Ok(true) => Ok(()),
-                Ok(false) | Err(_) => {
-                    // Not cached, or an error the blocking path reports.
+            match self.nowait_host(i, fd, data, o) {
+                Some(r) => r,
+                None => {
                     blocked = true;
                     Err(Error::io("would block"))
                 }
             }
         });
         if blocked { None } else { Some(r) }
+    }
+
+    /// Host file `i`'s bytes from the page cache, `None` if some are not
+    /// there (or on an error the blocking path reports). A piece that ends
+    /// at the file's scanned end checks the size by reading one byte more
+    /// (`read_to_end`), other pieces by `fstat`.
+    fn nowait_host(&self, i: usize, fd: BorrowedFd<'_>, data: &mut [u8], o: u64) -> Option<Result<()>> {
+        let k = data.len();
+        if o + k as u64 != self.hosts[i].size {
+            if let Err(e) = self.check_size(i, fd) {
+                return Some(Err(e));
+            }
+            return sys::pread_nowait(fd, data, o).ok()?.then_some(Ok(()));
+        }
+        let mut extra = [0u8; 1];
+        match sys::pread_extra(fd, data, &mut extra, o, libc::RWF_NOWAIT) {
+            // Exactly to the scanned end. At a page boundary that may
+            // also be a next page not in the cache: then ask fstat.
+            Ok(n) if n == k => {
+                if (o + k as u64) % 4096 == 0 {
+                    if let Err(e) = self.check_size(i, fd) {
+                        return Some(Err(e));
+                    }
+                }
+                Some(Ok(()))
+            }
+            Ok(n) if n > k => Some(Err(self.changed(i, sys::size(fd).unwrap_or(0)))),
+            // Short, or EAGAIN: not cached, or the file shrank.
+            Ok(_) | Err(_) => match self.check_size(i, fd) {
+                Err(e) => Some(Err(e)),
+                Ok(()) => None,
+            },
+        }
     }
 
     /// The kept descriptor and file offset of `[offset, offset+count)` if

@@ -72,6 +72,59 @@ fn shrunk_or_grown_file_is_eio_never_other_bytes() {
     assert_eq!(h.pread(&mut buf, file_offset(&p, 1), Flags::NONE).unwrap_err().kind(), crate::error::ErrorKind::Io);
 }
 
+/// Reads that reach a file's end check its size by reading one byte more
+/// (no fstat): a grown or shrunk file still gives EIO, on both paths, also
+/// for a size at a page boundary, where a short non-blocking read cannot
+/// tell the end of the file from a page not in the cache.
+#[test]
+fn reads_to_the_end_see_growth_and_shrinking() {
+    let t = tmp("toend");
+    let sizes = [5000usize, 8192, 16384, 1];
+    for (k, &n) in sizes.iter().enumerate() {
+        std::fs::write(t.0.join(format!("f{k}")), vec![k as u8 + 1; n]).unwrap();
+    }
+    let p = ready(&t.0, &[]).unwrap();
+    let h = p.open(true, "", false).unwrap();
+    let cluster = layout::CLUSTER as usize;
+    for (k, &n) in sizes.iter().enumerate() {
+        let at = file_offset(&p, k);
+        // Intact: the file's bytes, then zeroes, on both paths; the last
+        // bytes alone too.
+        let mut buf = vec![0xaau8; cluster];
+        h.pread(&mut buf, at, Flags::NONE).unwrap();
+        assert!(buf[..n].iter().all(|&b| b == k as u8 + 1) && buf[n..].iter().all(|&b| b == 0), "file {k}");
+        let mut again = vec![0xaau8; cluster];
+        if let Some(r) = h.pread_nowait(&mut again, at) {
+            r.unwrap();
+            assert_eq!(buf, again);
+        }
+        let mut tail = [0u8; 1];
+        h.pread(&mut tail, at + n as u64 - 1, Flags::NONE).unwrap();
+        assert_eq!(tail[0], k as u8 + 1);
+    }
+    // Grow f0 and f1 (f1 by a whole page), shrink f2 and f3 (f3 to empty).
+    let grow = |k: usize, by: usize| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(t.0.join(format!("f{k}"))).unwrap();
+        f.write_all(&vec![9u8; by]).unwrap();
+    };
+    grow(0, 1);
+    grow(1, 4096);
+    std::fs::OpenOptions::new().write(true).open(t.0.join("f2")).unwrap().set_len(16383).unwrap();
+    std::fs::OpenOptions::new().write(true).open(t.0.join("f3")).unwrap().set_len(0).unwrap();
+    for (k, &n) in sizes.iter().enumerate() {
+        let at = file_offset(&p, k);
+        let mut buf = vec![0u8; cluster];
+        let e = h.pread(&mut buf, at, Flags::NONE).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Io, "file {k}");
+        assert!(e.message().contains("changed size"), "{}", e.message());
+        let e = h.pread(&mut buf[..1], at + n as u64 - 1, Flags::NONE).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Io, "file {k}");
+        // The non-blocking path reports it too, or leaves it to pread.
+        assert!(!matches!(h.pread_nowait(&mut buf, at), Some(Ok(()))), "file {k}");
+    }
+}
+
 #[test]
 fn config_errors() {
     let t = tmp("cfg");
