@@ -233,13 +233,22 @@ impl Disk {
     fn open_host(&self, i: usize) -> Result<File> {
         let h = &self.hosts[i];
         let path = self.path(i);
-        let f = File::options()
-            .read(true)
-            // O_NONBLOCK: a FIFO swapped in since the scan must not hang the open.
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(&path)
-            // EIO whatever the cause: the disk is there, this part of it is not.
-            .map_err(|e| Error::io(Error::os(format_args!("open: {}", path.display()), e).message().to_string()))?;
+        // O_NONBLOCK: a FIFO swapped in since the scan must not hang the
+        // open. O_NOATIME: reads do not update (nor check, 2-4 % of the
+        // CPU of a read) the access time; only the file's owner may ask
+        // for it, others open without.
+        let open = |noatime: libc::c_int| {
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | noatime)
+                .open(&path)
+        };
+        let f = match open(libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+            r => r,
+        }
+        // EIO whatever the cause: the disk is there, this part of it is not.
+        .map_err(|e| Error::io(Error::os(format_args!("open: {}", path.display()), e).message().to_string()))?;
         let m = f.metadata().map_err(|e| Error::os(format_args!("fstat: {}", path.display()), e))?;
         if (m.dev(), m.ino()) != (h.dev, h.ino) || !m.is_file() {
             return Err(Error::io(format!("{}: file was replaced since the floppy was made", path.display())));
