@@ -192,8 +192,9 @@ pub enum Kind {
     Blob(usize),
     /// A FAT (both copies are the same).
     Fat,
-    /// Host file `i`, zeroes past its size.
-    File(usize),
+    /// Host file `i` (`.0`), zeroes past its size (`.1`, kept here so
+    /// that reading the padding touches nothing but the region).
+    File(u32, u32),
 }
 
 /// One range of the disk.
@@ -253,6 +254,9 @@ pub fn build(tree: &Tree, label: &str, size: Option<u64>) -> Result<Layout, Stri
     }
     let mut file_clusters = Vec::with_capacity(tree.files.len());
     for f in &tree.files {
+        if f.size > MAX_FILE {
+            return Err(format!("{}: file is larger than maximum supported by VFAT", f.name));
+        }
         let n = f.size.div_ceil(CLUSTER);
         file_clusters.push(if n == 0 { 0 } else { next });
         if n > 0 {
@@ -314,7 +318,7 @@ pub fn build(tree: &Tree, label: &str, size: Option<u64>) -> Result<Layout, Stri
         push(n * CLUSTER, Kind::Blob(3 + i));
     }
     for (i, f) in tree.files.iter().enumerate() {
-        push(f.size.div_ceil(CLUSTER) * CLUSTER, Kind::File(i));
+        push(f.size.div_ceil(CLUSTER) * CLUSTER, Kind::File(i as u32, f.size as u32));
     }
     let used_end: u64 = regions.iter().map(|r| r.len).sum();
     if g.disk_size > used_end {
@@ -513,6 +517,6 @@ mod tests {
         assert_eq!(l.regions[l.region_at(0)].kind, Kind::Blob(0));
         assert_eq!(l.region_at(at), l.regions.len());
         assert_eq!(l.region_at(u64::MAX), l.regions.len());
-        assert_eq!(l.regions[l.region_at(at - 1)].kind, Kind::File(2));
+        assert_eq!(l.regions[l.region_at(at - 1)].kind, Kind::File(2, 1));
     }
 }

@@ -389,7 +389,8 @@ impl Disk {
     fn file_range(&self, count: usize, offset: u64, cached_only: bool) -> Option<(RawFd, u64)> {
         let l = &self.layout;
         let region = l.regions.get(l.region_at(offset))?;
-        let Kind::File(i) = region.kind else { return None };
+        let Kind::File(i, _) = region.kind else { return None };
+        let i = i as usize;
         let o = offset - region.start;
         if o.checked_add(count as u64)? > self.hosts[i].size {
             return None;
@@ -425,8 +426,8 @@ impl Disk {
                 Kind::Zero => out.fill(0),
                 Kind::Blob(b) => copy_padded(out, &l.blobs[b], o),
                 Kind::Fat => l.read_fat(out, o),
-                Kind::File(i) => {
-                    let size = self.hosts[i].size;
+                Kind::File(i, size) => {
+                    let (i, size) = (i as usize, u64::from(size));
                     let k = (size.saturating_sub(o) as usize).min(n);
                     let (data, pad) = out.split_at_mut(k);
                     if k > 0 {
