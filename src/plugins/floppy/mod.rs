@@ -39,6 +39,11 @@ struct Floppy {
     disk: Option<Arc<Disk>>,
 }
 
+/// The most bytes read past a piece of a host file, to its end, to check
+/// its size in the same system call instead of an `fstat` (copying 4 KiB
+/// costs less than the `fstat`).
+const TAIL_MAX: u64 = 4096;
+
 /// The served disk, shared by all connections.
 struct Disk {
     layout: Layout,
@@ -274,11 +279,74 @@ impl Disk {
     /// Reads `buf` from host file `i` at `offset` (within its size).
     fn read_host(&self, i: usize, buf: &mut [u8], offset: u64) -> Result<()> {
         let f = self.host_fd(i)?;
-        let fd = f.fd();
-        if offset + buf.len() as u64 == self.hosts[i].size {
-            return self.read_to_end(i, fd, buf, offset);
+        self.read_piece(i, f.fd(), buf, offset, false).unwrap_or_else(|| Err(Error::io("would block")))
+    }
+
+    /// Reads `buf` from host file `i` (open as `fd`) at `offset`, and
+    /// checks that the file still has its scanned size (EIO and a log line
+    /// if not). A piece that ends at most [`TAIL_MAX`] bytes before the
+    /// file's scanned end does it without an `fstat`, in the same system
+    /// call: it asks for the rest of the file and one byte more (into a
+    /// scratch buffer); getting exactly that means the file still ends
+    /// where it did, more that it grew, less that it shrank (or, without
+    /// blocking, that some of it is not in the cache: `fstat` tells). Other
+    /// pieces `fstat` first. With `nowait` (`RWF_NOWAIT`), `None` means
+    /// "not all in the page cache".
+    fn read_piece(&self, i: usize, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64, nowait: bool) -> Option<Result<()>> {
+        let size = self.hosts[i].size;
+        let tail = size - (offset + buf.len() as u64);
+        if tail > TAIL_MAX {
+            if let Err(e) = self.check_size(i, fd) {
+                return Some(Err(e));
+            }
+            if nowait {
+                return sys::pread_nowait(fd, buf, offset).ok()?.then_some(Ok(()));
+            }
+            return Some(self.pread_all(i, fd, buf, offset));
         }
-        self.check_size(i, fd)?;
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); TAIL_MAX as usize + 1];
+        let want = buf.len() + tail as usize;
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        match sys::pread_extra(fd, buf, &mut scratch[..tail as usize + 1], offset, flags) {
+            Ok(n) if n == want => {
+                // Without blocking, a read that stops at a page boundary
+                // may also be a next page not in the cache: ask fstat.
+                if nowait && size % 4096 == 0 {
+                    if let Err(e) = self.check_size(i, fd) {
+                        return Some(Err(e));
+                    }
+                }
+                Some(Ok(()))
+            }
+            Ok(n) if n > want => Some(Err(self.changed(i, sys::size(fd).unwrap_or(0)))),
+            // Short: the file shrank, or (without blocking) the rest is not
+            // in the cache, or the read was cut short.
+            Ok(n) => {
+                if let Err(e) = self.check_size(i, fd) {
+                    return Some(Err(e));
+                }
+                if n >= buf.len() {
+                    Some(Ok(()))
+                } else if nowait {
+                    None
+                } else {
+                    Some(self.pread_all(i, fd, &mut buf[n..], offset + n as u64))
+                }
+            }
+            Err(_) if nowait => match self.check_size(i, fd) {
+                Err(e) => Some(Err(e)),
+                Ok(()) => None,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                Some(self.check_size(i, fd).and_then(|()| self.pread_all(i, fd, buf, offset)))
+            }
+            Err(e) => Some(Err(self.pread_error(i, e, offset, buf.len()))),
+        }
+    }
+
+    /// `pread` of all of `buf`; the end of the file before that is a change
+    /// of size.
+    fn pread_all(&self, i: usize, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0;
         while done < buf.len() {
             match sys::pread(fd, &mut buf[done..], offset + done as u64) {
@@ -292,31 +360,6 @@ impl Disk {
             }
         }
         Ok(())
-    }
-
-    /// Reads `buf`, the last bytes of host file `i` at its scanned size,
-    /// and checks that the file still ends there without an `fstat`: one
-    /// byte more is asked for; getting exactly `buf` means the file ends
-    /// where it did, more that it grew, less that it shrank.
-    fn read_to_end(&self, i: usize, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut extra = [0u8; 1];
-        let mut done = 0;
-        loop {
-            match sys::pread_extra(fd, &mut buf[done..], &mut extra, offset + done as u64, 0) {
-                Ok(n) if done + n == buf.len() => return Ok(()),
-                Ok(n) if n == 0 || done + n > buf.len() => {
-                    let now = sys::size(fd).unwrap_or(0);
-                    return Err(self.changed(i, now));
-                }
-                // A short read before the end: did the file shrink?
-                Ok(n) => {
-                    done += n;
-                    self.check_size(i, fd)?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.pread_error(i, e, offset, buf.len())),
-            }
-        }
     }
 
     fn pread_error(&self, i: usize, e: std::io::Error, offset: u64, count: usize) -> Error {
@@ -338,7 +381,7 @@ impl Disk {
                 blocked = true;
                 return Err(Error::io("would block"));
             };
-            match self.nowait_host(i, fd, data, o) {
+            match self.read_piece(i, fd, data, o, true) {
                 Some(r) => r,
                 None => {
                     blocked = true;
@@ -347,39 +390,6 @@ impl Disk {
             }
         });
         if blocked { None } else { Some(r) }
-    }
-
-    /// Host file `i`'s bytes from the page cache, `None` if some are not
-    /// there (or on an error the blocking path reports). A piece that ends
-    /// at the file's scanned end checks the size by reading one byte more
-    /// (`read_to_end`), other pieces by `fstat`.
-    fn nowait_host(&self, i: usize, fd: BorrowedFd<'_>, data: &mut [u8], o: u64) -> Option<Result<()>> {
-        let k = data.len();
-        if o + k as u64 != self.hosts[i].size {
-            if let Err(e) = self.check_size(i, fd) {
-                return Some(Err(e));
-            }
-            return sys::pread_nowait(fd, data, o).ok()?.then_some(Ok(()));
-        }
-        let mut extra = [0u8; 1];
-        match sys::pread_extra(fd, data, &mut extra, o, libc::RWF_NOWAIT) {
-            // Exactly to the scanned end. At a page boundary that may
-            // also be a next page not in the cache: then ask fstat.
-            Ok(n) if n == k => {
-                if (o + k as u64) % 4096 == 0 {
-                    if let Err(e) = self.check_size(i, fd) {
-                        return Some(Err(e));
-                    }
-                }
-                Some(Ok(()))
-            }
-            Ok(n) if n > k => Some(Err(self.changed(i, sys::size(fd).unwrap_or(0)))),
-            // Short, or EAGAIN: not cached, or the file shrank.
-            Ok(_) | Err(_) => match self.check_size(i, fd) {
-                Err(e) => Some(Err(e)),
-                Ok(()) => None,
-            },
-        }
     }
 
     /// The kept descriptor and file offset of `[offset, offset+count)` if

@@ -72,14 +72,16 @@ fn shrunk_or_grown_file_is_eio_never_other_bytes() {
     assert_eq!(h.pread(&mut buf, file_offset(&p, 1), Flags::NONE).unwrap_err().kind(), crate::error::ErrorKind::Io);
 }
 
-/// Reads that reach a file's end check its size by reading one byte more
-/// (no fstat): a grown or shrunk file still gives EIO, on both paths, also
-/// for a size at a page boundary, where a short non-blocking read cannot
-/// tell the end of the file from a page not in the cache.
+/// Reads that end near a file's end check its size by reading to the end
+/// and one byte more (no fstat), others by fstat: a grown or shrunk file
+/// gives EIO either way, on both paths, also for a size at a page
+/// boundary, where a short non-blocking read cannot tell the end of the
+/// file from a page not in the cache.
 #[test]
 fn reads_to_the_end_see_growth_and_shrinking() {
     let t = tmp("toend");
-    let sizes = [5000usize, 8192, 16384, 1];
+    // f4 and f5: a first byte within TAIL_MAX of the end (and just at it).
+    let sizes = [5000usize, 8192, 16384, 1, 3000, TAIL_MAX as usize + 1];
     for (k, &n) in sizes.iter().enumerate() {
         std::fs::write(t.0.join(format!("f{k}")), vec![k as u8 + 1; n]).unwrap();
     }
@@ -98,9 +100,15 @@ fn reads_to_the_end_see_growth_and_shrinking() {
             r.unwrap();
             assert_eq!(buf, again);
         }
-        let mut tail = [0u8; 1];
-        h.pread(&mut tail, at + n as u64 - 1, Flags::NONE).unwrap();
-        assert_eq!(tail[0], k as u8 + 1);
+        for o in [0, n as u64 / 2, n as u64 - 1] {
+            let mut one = [0u8; 1];
+            h.pread(&mut one, at + o, Flags::NONE).unwrap();
+            assert_eq!(one[0], k as u8 + 1);
+            if let Some(r) = h.pread_nowait(&mut one, at + o) {
+                r.unwrap();
+                assert_eq!(one[0], k as u8 + 1);
+            }
+        }
     }
     // Grow f0 and f1 (f1 by a whole page), shrink f2 and f3 (f3 to empty).
     let grow = |k: usize, by: usize| {
@@ -112,14 +120,19 @@ fn reads_to_the_end_see_growth_and_shrinking() {
     grow(1, 4096);
     std::fs::OpenOptions::new().write(true).open(t.0.join("f2")).unwrap().set_len(16383).unwrap();
     std::fs::OpenOptions::new().write(true).open(t.0.join("f3")).unwrap().set_len(0).unwrap();
+    grow(4, 1);
+    std::fs::OpenOptions::new().write(true).open(t.0.join("f5")).unwrap().set_len(TAIL_MAX).unwrap();
     for (k, &n) in sizes.iter().enumerate() {
         let at = file_offset(&p, k);
         let mut buf = vec![0u8; cluster];
         let e = h.pread(&mut buf, at, Flags::NONE).unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::Io, "file {k}");
         assert!(e.message().contains("changed size"), "{}", e.message());
-        let e = h.pread(&mut buf[..1], at + n as u64 - 1, Flags::NONE).unwrap_err();
-        assert_eq!(e.kind(), crate::error::ErrorKind::Io, "file {k}");
+        for o in [0, n as u64 / 2, n as u64 - 1] {
+            let e = h.pread(&mut buf[..1], at + o, Flags::NONE).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Io, "file {k} offset {o}");
+            assert!(!matches!(h.pread_nowait(&mut buf[..1], at + o), Some(Ok(()))), "file {k} offset {o}");
+        }
         // The non-blocking path reports it too, or leaves it to pread.
         assert!(!matches!(h.pread_nowait(&mut buf, at), Some(Ok(()))), "file {k}");
     }
