@@ -216,7 +216,7 @@ pub struct Layout {
     /// One past the last cluster of each cluster chain, ascending.
     pub chain_ends: Vec<u64>,
     /// `region_at`'s index: the region at every 2^`index_shift` bytes of
-    /// the disk (one entry per cluster, coarser on huge disks).
+    /// the disk (about two entries per region, one per cluster at most).
     index: Vec<u32>,
     index_shift: u32,
     /// First cluster of each file (0 if empty).
@@ -332,11 +332,14 @@ pub fn build(tree: &Tree, label: &str, size: Option<u64>) -> Result<Layout, Stri
 /// The most entries of `region_at`'s index (4 bytes each).
 const INDEX_MAX: u64 = 1 << 18;
 
-/// The region at every 2^shift bytes of the disk, for a step of one
-/// cluster or more, with at most INDEX_MAX + 1 entries.
+/// The region at every 2^shift bytes of the disk: a step of one cluster
+/// or more, about two entries per region (a few big files need only a
+/// few entries, and building them costs nothing at start-up), at most
+/// INDEX_MAX + 1.
 fn region_index(regions: &[Region], disk_size: u64) -> (Vec<u32>, u32) {
+    let want = (2 * regions.len() as u64).clamp(1, INDEX_MAX);
     let mut shift = CLUSTER.trailing_zeros();
-    while disk_size >> shift > INDEX_MAX {
+    while disk_size >> shift > want {
         shift += 1;
     }
     let n = (disk_size >> shift) + 1;
