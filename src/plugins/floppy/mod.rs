@@ -311,7 +311,7 @@ impl Disk {
             Ok(n) if n == want => {
                 // Without blocking, a read that stops at a page boundary
                 // may also be a next page not in the cache: ask fstat.
-                if nowait && size % 4096 == 0 {
+                if nowait && size.is_multiple_of(4096) {
                     if let Err(e) = self.check_size(i, fd) {
                         return Some(Err(e));
                     }
