@@ -48,6 +48,24 @@ pub fn pread_nowait(fd: BorrowedFd<'_>, buf: &mut [u8], at: u64) -> io::Result<b
     Ok(n as usize == buf.len())
 }
 
+/// `preadv2` of `buf` then `extra` (scratch space past `buf`, never read
+/// here: it may stay uninitialized) at `at`, with `flags` (0 or
+/// `RWF_NOWAIT`): how many bytes were read.
+#[allow(unsafe_code)]
+pub fn pread_extra(fd: BorrowedFd<'_>, buf: &mut [u8], extra: &mut [std::mem::MaybeUninit<u8>], at: u64,
+                   flags: libc::c_int) -> io::Result<usize> {
+    let o = offset(at)?;
+    let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() },
+               libc::iovec { iov_base: extra.as_mut_ptr().cast(), iov_len: extra.len() }];
+    // SAFETY: two iovecs describing `buf` and `extra`, which outlive the
+    // call; the kernel only writes into them.
+    let n = unsafe { libc::preadv2(fd.as_raw_fd(), iov.as_ptr(), 2, o, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Moves the calling thread to SCHED_IDLE: it runs only when its core has
 /// nothing else to run. Best effort. (The raw system call: musl's
 /// `sched_setscheduler` is a stub, POSIX makes it per process.)

@@ -72,6 +72,72 @@ fn shrunk_or_grown_file_is_eio_never_other_bytes() {
     assert_eq!(h.pread(&mut buf, file_offset(&p, 1), Flags::NONE).unwrap_err().kind(), crate::error::ErrorKind::Io);
 }
 
+/// Reads that end near a file's end check its size by reading to the end
+/// and one byte more (no fstat), others by fstat: a grown or shrunk file
+/// gives EIO either way, on both paths, also for a size at a page
+/// boundary, where a short non-blocking read cannot tell the end of the
+/// file from a page not in the cache.
+#[test]
+fn reads_to_the_end_see_growth_and_shrinking() {
+    let t = tmp("toend");
+    // f4 and f5: a first byte within TAIL_MAX of the end (and just at it).
+    let sizes = [5000usize, 8192, 16384, 1, 3000, TAIL_MAX as usize + 1];
+    for (k, &n) in sizes.iter().enumerate() {
+        std::fs::write(t.0.join(format!("f{k}")), vec![k as u8 + 1; n]).unwrap();
+    }
+    let p = ready(&t.0, &[]).unwrap();
+    let h = p.open(true, "", false).unwrap();
+    let cluster = layout::CLUSTER as usize;
+    for (k, &n) in sizes.iter().enumerate() {
+        let at = file_offset(&p, k);
+        // Intact: the file's bytes, then zeroes, on both paths; the last
+        // bytes alone too.
+        let mut buf = vec![0xaau8; cluster];
+        h.pread(&mut buf, at, Flags::NONE).unwrap();
+        assert!(buf[..n].iter().all(|&b| b == k as u8 + 1) && buf[n..].iter().all(|&b| b == 0), "file {k}");
+        let mut again = vec![0xaau8; cluster];
+        if let Some(r) = h.pread_nowait(&mut again, at) {
+            r.unwrap();
+            assert_eq!(buf, again);
+        }
+        for o in [0, n as u64 / 2, n as u64 - 1] {
+            let mut one = [0u8; 1];
+            h.pread(&mut one, at + o, Flags::NONE).unwrap();
+            assert_eq!(one[0], k as u8 + 1);
+            if let Some(r) = h.pread_nowait(&mut one, at + o) {
+                r.unwrap();
+                assert_eq!(one[0], k as u8 + 1);
+            }
+        }
+    }
+    // Grow f0 and f1 (f1 by a whole page), shrink f2 and f3 (f3 to empty).
+    let grow = |k: usize, by: usize| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(t.0.join(format!("f{k}"))).unwrap();
+        f.write_all(&vec![9u8; by]).unwrap();
+    };
+    grow(0, 1);
+    grow(1, 4096);
+    std::fs::OpenOptions::new().write(true).open(t.0.join("f2")).unwrap().set_len(16383).unwrap();
+    std::fs::OpenOptions::new().write(true).open(t.0.join("f3")).unwrap().set_len(0).unwrap();
+    grow(4, 1);
+    std::fs::OpenOptions::new().write(true).open(t.0.join("f5")).unwrap().set_len(TAIL_MAX).unwrap();
+    for (k, &n) in sizes.iter().enumerate() {
+        let at = file_offset(&p, k);
+        let mut buf = vec![0u8; cluster];
+        let e = h.pread(&mut buf, at, Flags::NONE).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Io, "file {k}");
+        assert!(e.message().contains("changed size"), "{}", e.message());
+        for o in [0, n as u64 / 2, n as u64 - 1] {
+            let e = h.pread(&mut buf[..1], at + o, Flags::NONE).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Io, "file {k} offset {o}");
+            assert!(!matches!(h.pread_nowait(&mut buf[..1], at + o), Some(Ok(()))), "file {k} offset {o}");
+        }
+        // The non-blocking path reports it too, or leaves it to pread.
+        assert!(!matches!(h.pread_nowait(&mut buf, at), Some(Ok(()))), "file {k}");
+    }
+}
+
 #[test]
 fn config_errors() {
     let t = tmp("cfg");
