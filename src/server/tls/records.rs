@@ -15,6 +15,7 @@
 //! close_notify ends it quietly.
 
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 
@@ -125,11 +126,13 @@ pub trait Schedule: Send {
 }
 
 /// One direction: key, IV, sequence number.
-struct Dir {
+pub struct Dir {
     key: LessSafeKey,
     iv: [u8; 12],
-    seq: u64,
-    limit: u64,
+    /// Records protected with this key so far.
+    pub seq: u64,
+    /// Records this key may protect.
+    pub limit: u64,
 }
 
 impl Dir {
@@ -159,25 +162,70 @@ fn aad12(seq: u64, typ: u8, len: usize) -> Aad<[u8; 13]> {
     Aad::from(a)
 }
 
-/// A protected session in one direction pair (see the module docs).
-pub struct Session {
+/// The key schedule, shared by the two halves (used only on a KeyUpdate).
+type Shared = Arc<Mutex<Box<dyn Schedule>>>;
+
+fn next_secret(schedule: &Option<Shared>, rx: bool) -> Option<Secret> {
+    let mut s = schedule.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+    if rx { s.next_rx() } else { s.next_tx() }.ok()
+}
+
+/// What the receive half asks the send half to do (see [`Tx::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Send an alert (level, description); a fatal one ends the session.
+    Alert(u8, u8),
+    /// The peer asked for a KeyUpdate (TLS 1.3): send ours, take new keys.
+    KeyUpdate,
+    /// The peer sent a fatal alert: nothing more goes out.
+    PeerFailed,
+}
+
+/// The receive half of a session: decrypts what the peer sent. One
+/// reader uses it, without a lock; what it needs sent goes to the send
+/// half as [`Event`]s.
+pub struct Rx {
     version: Version,
-    /// AES-GCM under TLS 1.2: 8 explicit nonce bytes per record.
     explicit: bool,
-    rx: Dir,
-    tx: Dir,
-    schedule: Option<Box<dyn Schedule>>,
+    /// The peer's key, IV, sequence number.
+    pub dir: Dir,
+    schedule: Option<Shared>,
+    /// Records the peer may send under one key before the session ends.
+    pub limit: u64,
     /// The start of a record that the last feed did not complete.
     pending: Vec<u8>,
     /// Post-handshake handshake bytes not yet a whole message.
     hs: Vec<u8>,
+    /// For the send half, oldest first.
+    events: Vec<Event>,
+    failed: bool,
+    peer_closed: bool,
+}
+
+/// The send half of a session: seals records into its buffer, written
+/// out by whoever holds it (under the send lock, so records leave in the
+/// order they were sealed).
+pub struct Tx {
+    version: Version,
+    explicit: bool,
+    /// Our key, IV, sequence number and limit.
+    pub dir: Dir,
+    schedule: Option<Shared>,
     /// Records to send.
-    out: Vec<u8>,
+    pub out: Vec<u8>,
     /// Where the application data record being filled starts in `out`.
     open: Option<usize>,
     failed: bool,
-    peer_closed: bool,
     sent_close: bool,
+}
+
+/// A protected session, both halves (the handshake engines and the
+/// tests drive it as one; the transmission phase splits it).
+pub struct Session {
+    /// Receiving.
+    pub rx: Rx,
+    /// Sending.
+    pub tx: Tx,
 }
 
 impl Session {
@@ -185,22 +233,70 @@ impl Session {
     /// holds what the handshake still has to send (sent first).
     pub fn new(version: Version, rx: (u64, Secret), tx: (u64, Secret), schedule: Option<Box<dyn Schedule>>, out: Vec<u8>) -> io::Result<Session> {
         let explicit = version == Version::Tls12 && tx.1.cipher != Cipher::Chacha20Poly1305;
+        let schedule: Option<Shared> = schedule.map(|s| Arc::new(Mutex::new(s)));
         Ok(Session {
-            version,
-            explicit,
-            rx: Dir::new(&rx.1, rx.0)?,
-            tx: Dir::new(&tx.1, tx.0)?,
-            schedule,
-            pending: Vec::new(),
-            hs: Vec::new(),
-            out,
-            open: None,
-            failed: false,
-            peer_closed: false,
-            sent_close: false,
+            rx: Rx {
+                version,
+                explicit,
+                dir: Dir::new(&rx.1, rx.0)?,
+                schedule: schedule.clone(),
+                limit: u64::MAX,
+                pending: Vec::new(),
+                hs: Vec::new(),
+                events: Vec::new(),
+                failed: false,
+                peer_closed: false,
+            },
+            tx: Tx { version, explicit, dir: Dir::new(&tx.1, tx.0)?, schedule, out, open: None, failed: false, sent_close: false },
         })
     }
 
+    /// The two halves.
+    pub fn split(self) -> (Rx, Tx) {
+        (self.rx, self.tx)
+    }
+
+    /// Takes in bytes from the peer (see [`Rx::feed`]); what that asks of
+    /// the send half is done at once.
+    pub fn feed(&mut self, raw: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        let r = self.rx.feed(raw, plain);
+        let applied = self.tx.apply(&mut self.rx);
+        let closed = r?;
+        applied?;
+        Ok(closed)
+    }
+
+    /// See [`Tx::encrypt`].
+    pub fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        self.tx.encrypt(data)
+    }
+
+    /// See [`Tx::flush_to`].
+    pub fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
+        self.tx.flush_to(w)
+    }
+
+    /// See [`Tx::close`].
+    pub fn close(&mut self) {
+        self.tx.close()
+    }
+
+    /// See [`Tx::key_update`].
+    pub fn key_update(&mut self, request: bool) -> io::Result<()> {
+        self.tx.key_update(request)
+    }
+
+    /// The protocol version.
+    pub fn version(&self) -> Version {
+        self.rx.version
+    }
+}
+
+fn dead() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "TLS: the session has failed")
+}
+
+impl Rx {
     /// The largest record body accepted from the peer.
     fn max_body(&self) -> usize {
         match self.version {
@@ -209,24 +305,25 @@ impl Session {
         }
     }
 
-    /// Queues a fatal alert (once) and fails the session.
+    /// Asks for a fatal alert (once) and fails the session.
     fn fail(&mut self, desc: u8, why: &str) -> io::Error {
         if !self.failed {
-            self.control(ct::ALERT, &[2, desc]);
+            self.events.push(Event::Alert(2, desc));
             self.failed = true;
         }
         io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {why}"))
     }
 
-    fn dead() -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, "TLS: the session has failed")
+    /// True when the send half has something to do ([`Tx::apply`]).
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// Takes in bytes read from the peer, appending the application data
     /// they carried to `plain`. `Ok(true)` once the peer sent close_notify.
     pub fn feed(&mut self, mut raw: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
         if self.failed {
-            return Err(Session::dead());
+            return Err(dead());
         }
         if !self.pending.is_empty() {
             let mut rec = std::mem::take(&mut self.pending);
@@ -282,6 +379,9 @@ impl Session {
     fn open_record(&mut self, rec: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
         let (typ, body) = (rec[0], &rec[HEADER..]);
         let at = plain.len();
+        if self.dir.seq >= self.limit {
+            return Err(self.fail(alert::INTERNAL_ERROR, "the peer did not update its key in time"));
+        }
         let (content, inner) = match self.version {
             Version::Tls13 => {
                 if typ != ct::DATA {
@@ -290,15 +390,15 @@ impl Session {
                 if body.len() < TAG + 1 {
                     return Err(self.fail(alert::BAD_RECORD_MAC, "record too short"));
                 }
-                let nonce = Nonce::assume_unique_for_key(self.rx.nonce_bytes());
+                let nonce = Nonce::assume_unique_for_key(self.dir.nonce_bytes());
                 let mut hdr = [0u8; HEADER];
                 hdr.copy_from_slice(&rec[..HEADER]);
                 plain.extend_from_slice(body);
-                if self.rx.key.open_in_place(nonce, Aad::from(hdr), &mut plain[at..]).is_err() {
+                if self.dir.key.open_in_place(nonce, Aad::from(hdr), &mut plain[at..]).is_err() {
                     plain.truncate(at);
                     return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
                 }
-                self.rx.seq += 1;
+                self.dir.seq += 1;
                 let mut end = plain.len() - TAG;
                 if end - at > MAX_PLAIN + 1 {
                     plain.truncate(at);
@@ -323,21 +423,21 @@ impl Session {
                 if plen > MAX_PLAIN {
                     return Err(self.fail(alert::RECORD_OVERFLOW, "record too long"));
                 }
-                let mut n = self.rx.nonce_bytes();
+                let mut n = self.dir.nonce_bytes();
                 if self.explicit {
                     n[4..].copy_from_slice(&body[..EXPLICIT]);
                 }
                 plain.extend_from_slice(&body[extra..]);
-                let aad = aad12(self.rx.seq, typ, plen);
-                if self.rx.key.open_in_place(Nonce::assume_unique_for_key(n), aad, &mut plain[at..]).is_err() {
+                let aad = aad12(self.dir.seq, typ, plen);
+                if self.dir.key.open_in_place(Nonce::assume_unique_for_key(n), aad, &mut plain[at..]).is_err() {
                     plain.truncate(at);
                     return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
                 }
-                self.rx.seq += 1;
+                self.dir.seq += 1;
                 (at + plen, typ)
             }
         };
-        if self.rx.seq == u64::MAX {
+        if self.dir.seq == u64::MAX {
             plain.truncate(at);
             return Err(self.fail(alert::INTERNAL_ERROR, "sequence number exhausted"));
         }
@@ -363,6 +463,7 @@ impl Session {
                     (Version::Tls12, 1, _) => {}
                     _ => {
                         self.failed = true;
+                        self.events.push(Event::PeerFailed);
                         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("TLS: the peer sent alert {desc}")));
                     }
                 }
@@ -400,20 +501,56 @@ impl Session {
                         // The new keys start with the next record (RFC 8446 §5.1).
                         return Err(self.fail(alert::UNEXPECTED_MESSAGE, "KeyUpdate not at the end of its record"));
                     }
-                    let next = self.schedule.as_mut().map(|s| s.next_rx());
-                    match next {
-                        Some(Ok(s)) => self.rx = Dir::new(&s, 0)?,
-                        _ => return Err(self.fail(alert::INTERNAL_ERROR, "no key schedule for KeyUpdate")),
+                    match next_secret(&self.schedule, true) {
+                        Some(s) => self.dir = Dir::new(&s, 0)?,
+                        None => return Err(self.fail(alert::INTERNAL_ERROR, "no key schedule for KeyUpdate")),
                     }
+                    log::debug!(target: "tls::records", "KeyUpdate received (update_requested: {request})");
                     if request {
-                        self.key_update(false)?;
+                        self.events.push(Event::KeyUpdate);
                     }
                 }
-                (Version::Tls12, HS_CLIENT_HELLO) => self.control(ct::ALERT, &[1, alert::NO_RENEGOTIATION]),
+                (Version::Tls12, HS_CLIENT_HELLO) => self.events.push(Event::Alert(1, alert::NO_RENEGOTIATION)),
                 _ => return Err(self.fail(alert::UNEXPECTED_MESSAGE, "unexpected handshake message")),
             }
         }
         Ok(())
+    }
+}
+
+impl Tx {
+    /// Queues a fatal alert (once) and fails the session.
+    fn fail(&mut self, desc: u8, why: &str) -> io::Error {
+        if !self.failed {
+            self.control(ct::ALERT, &[2, desc]);
+            self.failed = true;
+        }
+        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {why}"))
+    }
+
+    /// Does what the receive half asked, in order (the records go out
+    /// with the next [`Tx::flush_to`]).
+    pub fn apply(&mut self, rx: &mut Rx) -> io::Result<()> {
+        let mut r = Ok(());
+        for e in rx.events.drain(..) {
+            match e {
+                Event::Alert(level, desc) => {
+                    if !self.failed {
+                        self.control(ct::ALERT, &[level, desc]);
+                        self.failed = level == 2;
+                    }
+                }
+                Event::PeerFailed => self.failed = true,
+                Event::KeyUpdate => {
+                    if !self.failed && !self.sent_close {
+                        if let Err(e) = self.key_update(false) {
+                            r = r.and(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+        r
     }
 
     /// Sends a KeyUpdate and moves to our next keys (TLS 1.3).
@@ -422,16 +559,20 @@ impl Session {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS: no KeyUpdate here"));
         }
         self.control(ct::HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, request as u8]);
-        let next = self.schedule.as_mut().map(|s| s.next_tx());
-        match next {
-            Some(Ok(s)) => self.tx = Dir::new(&s, 0)?,
-            _ => return Err(self.fail(alert::INTERNAL_ERROR, "no key schedule for KeyUpdate")),
+        match next_secret(&self.schedule, false) {
+            Some(s) => {
+                let limit = self.dir.limit;
+                self.dir = Dir::new(&s, 0)?;
+                self.dir.limit = limit;
+            }
+            None => return Err(self.fail(alert::INTERNAL_ERROR, "no key schedule for KeyUpdate")),
         }
+        log::debug!(target: "tls::records", "KeyUpdate sent");
         Ok(())
     }
 
     /// Starts a record at the end of `out`; where it starts.
-    fn begin(&mut self, typ: u8, room: usize) -> usize {
+    pub fn begin(&mut self, typ: u8, room: usize) -> usize {
         let at = self.out.len();
         self.out.reserve(HEADER + EXPLICIT + room + 1 + TAG);
         self.out.extend_from_slice(&[typ, 3, 3, 0, 0]);
@@ -442,9 +583,9 @@ impl Session {
     }
 
     /// Seals the record at `at` whose plaintext runs to the end of `out`.
-    fn seal(&mut self, at: usize, typ: u8) {
+    pub fn seal(&mut self, at: usize, typ: u8) {
         let start = at + HEADER + if self.explicit { EXPLICIT } else { 0 };
-        let nonce = self.tx.nonce_bytes();
+        let nonce = self.dir.nonce_bytes();
         let r = match self.version {
             Version::Tls13 => {
                 self.out.push(typ);
@@ -452,7 +593,7 @@ impl Session {
                 self.out[at..at + HEADER].copy_from_slice(&[ct::DATA, 3, 3, (len >> 8) as u8, len as u8]);
                 let mut hdr = [0u8; HEADER];
                 hdr.copy_from_slice(&self.out[at..at + HEADER]);
-                self.tx.key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(hdr), &mut self.out[start..])
+                self.dir.key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(hdr), &mut self.out[start..])
             }
             Version::Tls12 => {
                 let plen = self.out.len() - start;
@@ -461,13 +602,13 @@ impl Session {
                 if self.explicit {
                     self.out[at + HEADER..start].copy_from_slice(&nonce[4..]);
                 }
-                let aad = aad12(self.tx.seq, typ, plen);
-                self.tx.key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, &mut self.out[start..])
+                let aad = aad12(self.dir.seq, typ, plen);
+                self.dir.key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, &mut self.out[start..])
             }
         };
         let tag = r.expect("AEAD seal of a record-sized plaintext");
         self.out.extend_from_slice(tag.as_ref());
-        self.tx.seq += 1;
+        self.dir.seq += 1;
     }
 
     /// Seals the application data record being filled, if any.
@@ -478,7 +619,7 @@ impl Session {
     }
 
     /// Queues one record of type `typ` (alerts, handshake messages).
-    fn control(&mut self, typ: u8, msg: &[u8]) {
+    pub fn control(&mut self, typ: u8, msg: &[u8]) {
         self.close_open();
         let at = self.begin(typ, msg.len());
         self.out.extend_from_slice(msg);
@@ -489,13 +630,13 @@ impl Session {
     /// 16 KiB and sealed when full or at the next flush.
     pub fn encrypt(&mut self, mut data: &[u8]) -> io::Result<()> {
         if self.failed || self.sent_close {
-            return Err(Session::dead());
+            return Err(dead());
         }
         while !data.is_empty() {
             let at = match self.open {
                 Some(at) => at,
                 None => {
-                    if self.tx.seq >= self.tx.limit {
+                    if self.dir.seq >= self.dir.limit {
                         match self.version {
                             Version::Tls13 => self.key_update(false)?,
                             Version::Tls12 => {
@@ -532,11 +673,6 @@ impl Session {
             self.control(ct::ALERT, &[1, alert::CLOSE_NOTIFY]);
             self.sent_close = true;
         }
-    }
-
-    /// The protocol version.
-    pub fn version(&self) -> Version {
-        self.version
     }
 }
 
