@@ -221,7 +221,7 @@ pub enum Input {
     /// The socket itself.
     Plain(File),
     /// Through TLS.
-    Tls(TlsIn),
+    Tls(Box<TlsIn>),
 }
 
 /// The server → client stream of the transmission phase.
@@ -240,7 +240,7 @@ impl Input {
             Some((rx, plain)) => (Some(rx), plain),
             None => (None, Vec::new()),
         };
-        Input::Tls(TlsIn { link: link.clone(), rx, sock, raw: vec![0; RAW], plain, at: 0, eof: false })
+        Input::Tls(Box::new(TlsIn { link: link.clone(), rx, sock, raw: vec![0; RAW], plain, at: 0, eof: false }))
     }
 
     /// The socket's descriptor.
