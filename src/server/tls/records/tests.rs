@@ -342,6 +342,72 @@ fn alerts_from_the_peer() {
     assert_eq!(back, b"still here");
 }
 
+#[test]
+fn the_two_halves_work_apart() {
+    for (v, c) in ALL {
+        let (s, mut cl) = pair(v, c);
+        let (mut rx, tx) = s.split();
+        let tx = Arc::new(std::sync::Mutex::new(tx));
+        // A writer sends replies while the reader takes the client's data.
+        let writer = {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for i in 0..50 {
+                    let mut t = tx.lock().unwrap();
+                    t.encrypt(&data(1000 + i)).unwrap();
+                    t.flush_to(&mut out).unwrap();
+                }
+                out
+            })
+        };
+        cl.encrypt(&data(300_000)).unwrap();
+        let w = wire(&mut cl);
+        let mut plain = Vec::new();
+        for piece in w.chunks(7000) {
+            assert!(!rx.feed(piece, &mut plain).unwrap());
+        }
+        assert_eq!(plain, data(300_000), "{v:?} {c:?}");
+        assert!(!rx.has_events());
+        let out = writer.join().unwrap();
+        let mut back = Vec::new();
+        cl.feed(&out, &mut back).unwrap();
+        assert_eq!(back, (0..50).flat_map(|i| data(1000 + i)).collect::<Vec<u8>>());
+        let mut t = tx.lock().unwrap();
+        let tx_wire = |t: &mut Tx| {
+            let mut w = Vec::new();
+            t.flush_to(&mut w).unwrap();
+            w
+        };
+        if v == Version::Tls13 {
+            // A KeyUpdate asked for: the send half answers once told.
+            cl.key_update(true).unwrap();
+            cl.encrypt(b"new keys").unwrap();
+            plain.clear();
+            rx.feed(&wire(&mut cl), &mut plain).unwrap();
+            assert_eq!(plain, b"new keys");
+            assert!(rx.has_events() && tx_wire(&mut t).is_empty());
+            t.apply(&mut rx).unwrap();
+            assert!(!rx.has_events());
+            t.encrypt(b"reply").unwrap();
+            let w = tx_wire(&mut t);
+            assert_eq!(records(&w).len(), 2, "KeyUpdate, then data");
+            back.clear();
+            cl.feed(&w, &mut back).unwrap();
+            assert_eq!(back, b"reply");
+            assert_eq!((t.dir.seq, cl.rx.dir.seq), (1, 1));
+        }
+        // A bad record: the fatal alert goes out through the send half,
+        // which sends nothing more.
+        assert!(rx.feed(&[ct::DATA, 3, 3, 0, 3, 1, 2, 3], &mut plain).is_err());
+        t.apply(&mut rx).unwrap();
+        assert_eq!(alert_in(&mut cl, &tx_wire(&mut t)), "TLS: the peer sent alert 20");
+        assert!(t.encrypt(b"x").is_err());
+        t.close();
+        assert!(tx_wire(&mut t).is_empty());
+    }
+}
+
 proptest! {
     /// Garbage, and valid records cut anywhere or with a flipped bit,
     /// never panic; cut records still decrypt whole.
