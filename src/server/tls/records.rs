@@ -375,14 +375,15 @@ impl Rx {
         Ok(len)
     }
 
-    /// Decrypts one whole record (header included) to the end of `plain`.
-    fn open_record(&mut self, rec: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
+    /// Checks a whole record (header included) before decrypting it:
+    /// where its ciphertext starts in the body and how long it is
+    /// (without the tag).
+    fn check(&mut self, rec: &[u8]) -> io::Result<(usize, usize)> {
         let (typ, body) = (rec[0], &rec[HEADER..]);
-        let at = plain.len();
         if self.dir.seq >= self.limit {
             return Err(self.fail(alert::INTERNAL_ERROR, "the peer did not update its key in time"));
         }
-        let (content, inner) = match self.version {
+        match self.version {
             Version::Tls13 => {
                 if typ != ct::DATA {
                     return Err(self.fail(alert::UNEXPECTED_MESSAGE, "unprotected record after the handshake"));
@@ -390,29 +391,7 @@ impl Rx {
                 if body.len() < TAG + 1 {
                     return Err(self.fail(alert::BAD_RECORD_MAC, "record too short"));
                 }
-                let nonce = Nonce::assume_unique_for_key(self.dir.nonce_bytes());
-                let mut hdr = [0u8; HEADER];
-                hdr.copy_from_slice(&rec[..HEADER]);
-                plain.extend_from_slice(body);
-                if self.dir.key.open_in_place(nonce, Aad::from(hdr), &mut plain[at..]).is_err() {
-                    plain.truncate(at);
-                    return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
-                }
-                self.dir.seq += 1;
-                let mut end = plain.len() - TAG;
-                if end - at > MAX_PLAIN + 1 {
-                    plain.truncate(at);
-                    return Err(self.fail(alert::RECORD_OVERFLOW, "record too long"));
-                }
-                // The inner content type is the last non-zero byte (RFC 8446 §5.4).
-                while end > at && plain[end - 1] == 0 {
-                    end -= 1;
-                }
-                if end == at {
-                    plain.truncate(at);
-                    return Err(self.fail(alert::UNEXPECTED_MESSAGE, "record without a content type"));
-                }
-                (end - 1, plain[end - 1])
+                Ok((0, body.len() - TAG))
             }
             Version::Tls12 => {
                 let extra = if self.explicit { EXPLICIT } else { 0 };
@@ -423,31 +402,112 @@ impl Rx {
                 if plen > MAX_PLAIN {
                     return Err(self.fail(alert::RECORD_OVERFLOW, "record too long"));
                 }
-                let mut n = self.dir.nonce_bytes();
+                Ok((extra, plen))
+            }
+        }
+    }
+
+    /// Decrypts one whole record (header included, checked) whose
+    /// ciphertext has been copied to `buf` (exactly its length): the
+    /// length of the application data it carried, at the start of `buf`
+    /// (0 for anything else, which is dealt with here).
+    fn open_placed(&mut self, rec: &[u8], buf: &mut [u8]) -> io::Result<usize> {
+        let (typ, body) = (rec[0], &rec[HEADER..]);
+        let mut tag = [0u8; TAG];
+        tag.copy_from_slice(&body[body.len() - TAG..]);
+        let mut n = self.dir.nonce_bytes();
+        let opened = match self.version {
+            Version::Tls13 => {
+                let mut hdr = [0u8; HEADER];
+                hdr.copy_from_slice(&rec[..HEADER]);
+                self.dir.key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from(hdr), tag.into(), buf, 0..)
+            }
+            Version::Tls12 => {
                 if self.explicit {
                     n[4..].copy_from_slice(&body[..EXPLICIT]);
                 }
-                plain.extend_from_slice(&body[extra..]);
-                let aad = aad12(self.dir.seq, typ, plen);
-                if self.dir.key.open_in_place(Nonce::assume_unique_for_key(n), aad, &mut plain[at..]).is_err() {
-                    plain.truncate(at);
-                    return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
-                }
-                self.dir.seq += 1;
-                (at + plen, typ)
+                let aad = aad12(self.dir.seq, typ, buf.len());
+                self.dir.key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), aad, tag.into(), buf, 0..)
             }
         };
+        if opened.is_err() {
+            return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
+        }
+        self.dir.seq += 1;
+        let (content, inner) = match self.version {
+            Version::Tls13 => {
+                if buf.len() > MAX_PLAIN + 1 {
+                    return Err(self.fail(alert::RECORD_OVERFLOW, "record too long"));
+                }
+                // The inner content type is the last non-zero byte (RFC 8446 §5.4).
+                match buf.iter().rposition(|&b| b != 0) {
+                    Some(end) => (end, buf[end]),
+                    None => return Err(self.fail(alert::UNEXPECTED_MESSAGE, "record without a content type")),
+                }
+            }
+            Version::Tls12 => (buf.len(), typ),
+        };
         if self.dir.seq == u64::MAX {
-            plain.truncate(at);
             return Err(self.fail(alert::INTERNAL_ERROR, "sequence number exhausted"));
         }
         if inner == ct::DATA {
-            plain.truncate(content);
-            return Ok(());
+            return Ok(content);
         }
-        let msg = plain[at..content].to_vec();
-        plain.truncate(at);
-        self.received(inner, &msg)
+        let msg = buf[..content].to_vec();
+        self.received(inner, &msg)?;
+        Ok(0)
+    }
+
+    /// Decrypts one whole record (header included) to the end of `plain`.
+    fn open_record(&mut self, rec: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
+        let (start, len) = self.check(rec)?;
+        let at = plain.len();
+        plain.extend_from_slice(&rec[HEADER + start..HEADER + start + len]);
+        let r = self.open_placed(rec, &mut plain[at..]);
+        plain.truncate(at + *r.as_ref().unwrap_or(&0));
+        r.map(|_| ())
+    }
+
+    /// The length of the whole record at the start of `raw` (header
+    /// included), once it is all there.
+    pub fn record_len(&mut self, raw: &[u8]) -> io::Result<Option<usize>> {
+        if self.failed {
+            return Err(dead());
+        }
+        if raw.len() < HEADER {
+            return Ok(None);
+        }
+        let len = self.header(raw)?;
+        Ok((raw.len() >= HEADER + len).then_some(HEADER + len))
+    }
+
+    /// Decrypts the whole record `rec` (see [`Rx::record_len`]) straight
+    /// into `dst` if its ciphertext fits there: the length of the
+    /// application data it carried, at the start of `dst`; None (nothing
+    /// done) if it does not fit. Whatever else the record held is dealt
+    /// with as [`Rx::feed`] does.
+    pub fn open_into(&mut self, rec: &[u8], dst: &mut [u8]) -> io::Result<Option<usize>> {
+        if self.failed {
+            return Err(dead());
+        }
+        if self.peer_closed {
+            return Ok(Some(0));
+        }
+        let (start, len) = self.check(rec)?;
+        let Some(buf) = dst.get_mut(..len) else { return Ok(None) };
+        buf.copy_from_slice(&rec[HEADER + start..HEADER + start + len]);
+        self.open_placed(rec, buf).map(Some)
+    }
+
+    /// True once the peer has sent close_notify.
+    pub fn closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// The start of a record that [`Rx::feed`] is waiting to complete
+    /// (handed to a reader that frames the records itself).
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
     }
 
     /// A record that is not application data.

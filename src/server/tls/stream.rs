@@ -26,7 +26,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::records::{Rx, Tx};
 use super::Tls;
 
-/// What is read from the socket at once.
+/// What is read from the socket at once (much more than a record).
 const RAW: usize = 256 * 1024;
 
 /// A connection's TLS session after the handshake.
@@ -236,11 +236,15 @@ impl Input {
     /// Over `link` on the socket `sock` (blocking).
     pub fn tls(link: &Arc<Link>, sock: File) -> Input {
         let taken = link.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (rx, plain) = match taken {
+        let (mut rx, plain) = match taken {
             Some((rx, plain)) => (Some(rx), plain),
             None => (None, Vec::new()),
         };
-        Input::Tls(Box::new(TlsIn { link: link.clone(), rx, sock, raw: vec![0; RAW], plain, at: 0, eof: false }))
+        // A record the negotiation's reader had begun: this one frames them.
+        let mut raw = vec![0; RAW];
+        let begun = rx.as_mut().map(Rx::take_pending).unwrap_or_default();
+        raw[..begun.len()].copy_from_slice(&begun);
+        Input::Tls(Box::new(TlsIn { link: link.clone(), rx, sock, raw, rpos: 0, rend: begun.len(), plain, at: 0, eof: false }))
     }
 
     /// The socket's descriptor.
@@ -309,56 +313,114 @@ impl Write for Output {
     }
 }
 
-/// Decrypts what comes from the socket.
+/// Decrypts what comes from the socket, without any lock: whole records
+/// straight into the caller's buffers when they fit there (one copy, out
+/// of the read buffer), the others through `plain`.
 pub struct TlsIn {
     link: Arc<Link>,
-    /// The receive half: this reader's alone, no lock.
+    /// The receive half: this reader's alone.
     rx: Option<Rx>,
     sock: File,
+    /// What was read from the socket: `raw[rpos..rend]` is not decrypted yet.
     raw: Vec<u8>,
+    rpos: usize,
+    rend: usize,
+    /// Plaintext of records that did not fit where the caller wanted it.
     plain: Vec<u8>,
     at: usize,
     eof: bool,
 }
 
 impl TlsIn {
-    fn fill(&mut self) -> io::Result<()> {
-        let Some(rx) = self.rx.as_mut() else { return Err(no_session()) };
-        while self.at == self.plain.len() && !self.eof {
-            self.plain.clear();
-            self.at = 0;
-            // Reading and decrypting take no lock: writers go on meanwhile.
-            let n = self.sock.read(&mut self.raw)?;
-            if n == 0 {
-                self.eof = true;
-                break;
-            }
-            let fed = rx.feed(&self.raw[..n], &mut self.plain);
-            let mut sent = Ok(());
-            if rx.has_events() {
-                // An alert or a KeyUpdate to send: the send lock, briefly.
-                let mut t = self.link.tx();
-                sent = t.apply(rx).and(t.flush_to(&mut Retry(&self.sock)));
-            }
-            self.eof = fed?;
-            sent?;
+    /// Sends what the receive half asked for, if anything (an alert, the
+    /// answer to a KeyUpdate: the send lock, briefly); then `r`.
+    fn settle<T>(link: &Link, sock: &File, rx: &mut Rx, r: io::Result<T>) -> io::Result<T> {
+        if !rx.has_events() {
+            return r;
         }
-        Ok(())
+        let mut t = link.tx();
+        let sent = t.apply(rx).and_then(|()| t.flush_to(&mut Retry(sock)));
+        let v = r?;
+        sent?;
+        Ok(v)
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        self.fill()?;
-        let mut n = 0;
-        for b in bufs.iter_mut() {
-            let k = b.len().min(self.plain.len() - self.at);
-            b[..k].copy_from_slice(&self.plain[self.at..self.at + k]);
-            self.at += k;
-            n += k;
-            if self.at == self.plain.len() {
-                break;
+        let Some(rx) = self.rx.as_mut() else { return Err(no_session()) };
+        loop {
+            if self.at < self.plain.len() {
+                let mut n = 0;
+                for b in bufs.iter_mut() {
+                    let k = b.len().min(self.plain.len() - self.at);
+                    b[..k].copy_from_slice(&self.plain[self.at..self.at + k]);
+                    self.at += k;
+                    n += k;
+                    if self.at == self.plain.len() {
+                        self.plain.clear();
+                        self.at = 0;
+                        break;
+                    }
+                }
+                return Ok(n);
             }
+            if self.eof {
+                return Ok(0);
+            }
+            // Whole records into the caller's buffers, in order, while they fit.
+            let (mut n, mut more, mut big) = (0, false, None);
+            'bufs: for b in bufs.iter_mut() {
+                let mut off = 0;
+                loop {
+                    let r = rx.record_len(&self.raw[self.rpos..self.rend]);
+                    let Some(len) = TlsIn::settle(&self.link, &self.sock, rx, r)? else {
+                        more = true;
+                        break 'bufs;
+                    };
+                    let r = rx.open_into(&self.raw[self.rpos..self.rpos + len], &mut b[off..]);
+                    match TlsIn::settle(&self.link, &self.sock, rx, r)? {
+                        Some(k) => {
+                            self.rpos += len;
+                            off += k;
+                            n += k;
+                            if rx.closed() {
+                                self.eof = true;
+                                break 'bufs;
+                            }
+                        }
+                        None if off == b.len() => continue 'bufs,
+                        None => {
+                            big = Some(len);
+                            break 'bufs;
+                        }
+                    }
+                }
+            }
+            if n > 0 || self.eof {
+                return Ok(n);
+            }
+            if let Some(len) = big {
+                // More than the room left: through `plain`.
+                let r = rx.feed(&self.raw[self.rpos..self.rpos + len], &mut self.plain);
+                self.rpos += len;
+                self.eof = TlsIn::settle(&self.link, &self.sock, rx, r)?;
+                continue;
+            }
+            if !more {
+                // (Every buffer has no room at all.)
+                return Ok(0);
+            }
+            // The rest of a record: read more, without any lock.
+            if self.rpos > 0 {
+                self.raw.copy_within(self.rpos..self.rend, 0);
+                self.rend -= self.rpos;
+                self.rpos = 0;
+            }
+            let k = self.sock.read(&mut self.raw[self.rend..])?;
+            if k == 0 {
+                self.eof = true;
+            }
+            self.rend += k;
         }
-        Ok(n)
     }
 }
 
@@ -421,3 +483,6 @@ impl Write for Retry<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
