@@ -2,13 +2,18 @@
 //! RFC 5288, RFC 7905) and TLS 1.3 (RFC 8446 §5) record protection with
 //! AES-128-GCM, AES-256-GCM and ChaCha20-Poly1305 on *ring*.
 //!
-//! The handshake (rustls for X.509) hands over the traffic keys, the
-//! sequence numbers and, for TLS 1.3, a [`Schedule`] that derives the next
-//! keys on a KeyUpdate. Built for throughput: a record is decrypted in
-//! place right where the caller's plaintext goes (one copy from the read
-//! buffer, no allocation per record), and records are sealed in place in
-//! one output buffer, the plaintext of several `encrypt` calls sharing a
-//! record (up to 16 KiB) until the next flush.
+//! The one record layer of every engine's traffic phase: the handshake
+//! (rustls for X.509, psk12.rs, psk13/) hands over the traffic keys, the
+//! sequence numbers and, for TLS 1.3, a [`Schedule`] that derives the
+//! next keys on a KeyUpdate. A [`Session`] is two halves that share only
+//! the schedule: [`Rx`] decrypts (one reader, no lock) and [`Tx`] seals
+//! (the writers, under their lock); what the receive half needs sent
+//! (alerts, the answer to a KeyUpdate) it hands to the send half as
+//! [`Event`]s ([`Tx::apply`]). Built for throughput: a record is
+//! decrypted in place right where the caller's plaintext goes (one copy
+//! from the read buffer, no allocation per record), and records are
+//! sealed in place in one output buffer, the plaintext of several
+//! `encrypt` calls sharing a record (up to 16 KiB) until the next flush.
 //!
 //! Every failure queues a fatal alert (bad_record_mac, record_overflow,
 //! unexpected_message, decode_error…) and ends the session; a client's
@@ -449,6 +454,10 @@ impl Rx {
         };
         if self.dir.seq == u64::MAX {
             return Err(self.fail(alert::INTERNAL_ERROR, "sequence number exhausted"));
+        }
+        if !self.hs.is_empty() && inner != ct::HANDSHAKE {
+            // Handshake messages are not interleaved with other records (RFC 8446 §5.1).
+            return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a record inside a handshake message"));
         }
         if inner == ct::DATA {
             return Ok(content);

@@ -287,6 +287,12 @@ fn key_updates_both_ways() {
             assert!(e.to_string().contains(why), "{e}");
         }
     }
+    // Data in the middle of a handshake message.
+    let (mut s, mut cl) = pair(Version::Tls13, Cipher::Aes128Gcm);
+    cl.tx.control(ct::HANDSHAKE, &[24, 0, 0]);
+    cl.encrypt(b"data").unwrap();
+    let e = s.feed(&wire(&mut cl), &mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("inside a handshake message"), "{e}");
     // TLS 1.2 has none.
     let (_, mut cl) = pair(Version::Tls12, Cipher::Aes128Gcm);
     assert!(cl.key_update(true).is_err());
