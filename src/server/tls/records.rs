@@ -417,27 +417,39 @@ impl Rx {
     /// length of the application data it carried, at the start of `buf`
     /// (0 for anything else, which is dealt with here).
     fn open_placed(&mut self, rec: &[u8], buf: &mut [u8]) -> io::Result<usize> {
-        let (typ, body) = (rec[0], &rec[HEADER..]);
+        let mut hdr = [0u8; HEADER];
+        hdr.copy_from_slice(&rec[..HEADER]);
+        let body = &rec[HEADER..];
         let mut tag = [0u8; TAG];
         tag.copy_from_slice(&body[body.len() - TAG..]);
+        let mut explicit = [0u8; EXPLICIT];
+        if self.explicit {
+            explicit.copy_from_slice(&body[..EXPLICIT]);
+        }
+        self.open_at(hdr, explicit, tag, buf, 0)
+    }
+
+    /// Decrypts a checked record (header `hdr`, TLS 1.2's explicit nonce,
+    /// tag) whose ciphertext is `in_out[src..]`; the plaintext goes to the
+    /// start of `in_out`. As [`Rx::open_placed`].
+    fn open_at(&mut self, hdr: [u8; HEADER], explicit: [u8; EXPLICIT], tag: [u8; TAG], in_out: &mut [u8], src: usize) -> io::Result<usize> {
+        let typ = hdr[0];
+        let clen = in_out.len() - src;
         let mut n = self.dir.nonce_bytes();
         let opened = match self.version {
-            Version::Tls13 => {
-                let mut hdr = [0u8; HEADER];
-                hdr.copy_from_slice(&rec[..HEADER]);
-                self.dir.key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from(hdr), tag.into(), buf, 0..)
-            }
+            Version::Tls13 => self.dir.key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from(hdr), tag.into(), in_out, src..),
             Version::Tls12 => {
                 if self.explicit {
-                    n[4..].copy_from_slice(&body[..EXPLICIT]);
+                    n[4..].copy_from_slice(&explicit);
                 }
-                let aad = aad12(self.dir.seq, typ, buf.len());
-                self.dir.key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), aad, tag.into(), buf, 0..)
+                let aad = aad12(self.dir.seq, typ, clen);
+                self.dir.key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), aad, tag.into(), in_out, src..)
             }
         };
         if opened.is_err() {
             return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
         }
+        let buf = &mut in_out[..clen];
         self.dir.seq += 1;
         let (content, inner) = match self.version {
             Version::Tls13 => {
@@ -506,6 +518,32 @@ impl Rx {
         let Some(buf) = dst.get_mut(..len) else { return Ok(None) };
         buf.copy_from_slice(&rec[HEADER + start..HEADER + start + len]);
         self.open_placed(rec, buf).map(Some)
+    }
+
+    /// Decrypts the whole records at the start of `buf` where they are,
+    /// their plaintext moved together at its start (over the headers,
+    /// nonces and tags): the plaintext's length, and how much of `buf`
+    /// the records took (the rest is the start of a record, or follows
+    /// close_notify). Whatever else the records held is dealt with as
+    /// [`Rx::feed`] does.
+    pub fn open_all(&mut self, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+        let (mut out, mut at) = (0, 0);
+        while !self.peer_closed {
+            let Some(len) = self.record_len(&buf[at..])? else { break };
+            let (start, clen) = self.check(&buf[at..at + len])?;
+            let mut hdr = [0u8; HEADER];
+            hdr.copy_from_slice(&buf[at..at + HEADER]);
+            let mut explicit = [0u8; EXPLICIT];
+            if self.explicit {
+                explicit.copy_from_slice(&buf[at + HEADER..at + HEADER + EXPLICIT]);
+            }
+            let mut tag = [0u8; TAG];
+            tag.copy_from_slice(&buf[at + len - TAG..at + len]);
+            let ct = at + HEADER + start;
+            out += self.open_at(hdr, explicit, tag, &mut buf[out..ct + clen], ct - out)?;
+            at += len;
+        }
+        Ok((out, at))
     }
 
     /// True once the peer has sent close_notify.

@@ -104,8 +104,15 @@ fn any_read_sizes_get_the_plaintext_in_order() {
 
 #[test]
 fn the_reader_sends_what_the_receive_half_asks() {
+    // Small reads (through the read buffer) and big ones (straight into the caller's).
+    for size in [64, 65536] {
+        the_reader_sends(size);
+    }
+}
+
+fn the_reader_sends(size: usize) {
     let (mut input, mut output, mut cl, mut sock) = setup(Version::Tls13, Cipher::Aes128Gcm);
-    let mut buf = [0u8; 64];
+    let mut buf = vec![0u8; size];
     // A KeyUpdate with update_requested: the reader answers at once.
     cl.key_update(true).unwrap();
     cl.encrypt(b"x").unwrap();
