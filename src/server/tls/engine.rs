@@ -1,11 +1,15 @@
-//! One TLS session as the relay sees it: bytes from the client go in,
-//! plaintext comes out; plaintext goes in, records come out. The X.509
-//! engine is rustls' handshake then records.rs (x509.rs); the PSK engine
-//! (psk.rs) has the same shape.
+//! One TLS session during its handshake: bytes from the client go in,
+//! plaintext comes out; plaintext goes in, records come out. Every
+//! engine runs its handshake (X.509: rustls, x509.rs; PSK: psk12.rs,
+//! psk13/), then hands the traffic keys to the one record layer
+//! (records.rs), which [`Engine::into_session`] gives up for the
+//! connection to split into its receive and send halves (stream.rs).
 
 use std::io::{self, Write};
 
-/// A TLS session, driven by the relay under one lock.
+use super::records::Session;
+
+/// A TLS session, driven by the connection's negotiation task.
 pub trait Engine: Send {
     /// Takes in bytes read from the client, appending the plaintext they
     /// carried to `plain`. `Ok(true)` once the client has closed the
@@ -19,6 +23,8 @@ pub trait Engine: Send {
     fn handshaking(&self) -> bool;
     /// Queues close_notify.
     fn close(&mut self);
+    /// The record layer, once the handshake has completed.
+    fn into_session(self: Box<Self>) -> io::Result<Box<Session>>;
     /// Protocol, cipher suite and peer (`-D nbdkit.tls.session=1`), one
     /// debug line per line.
     fn describe(&self) -> String;

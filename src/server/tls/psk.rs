@@ -212,6 +212,14 @@ impl Engine for Psk {
         }
     }
 
+    fn into_session(self: Box<Self>) -> io::Result<Box<super::records::Session>> {
+        match self.chosen {
+            Chosen::Waiting => Err(io::Error::new(io::ErrorKind::NotConnected, "PSK: no session")),
+            Chosen::V12(e) => e.into_session(),
+            Chosen::V13(e) => e.into_session(),
+        }
+    }
+
     fn describe(&self) -> String {
         match &self.chosen {
             Chosen::Waiting => "TLS session: none".to_string(),

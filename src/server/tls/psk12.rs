@@ -8,6 +8,8 @@
 //!
 //! One suite, no resumption, no extensions but the two above, no
 //! compression. Every failure sends a fatal alert and ends the session.
+//! After the Finished messages the traffic keys go to the record layer
+//! (records.rs), as X.509 sessions' do.
 
 use std::io::{self, Write};
 
@@ -15,9 +17,11 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use ring::digest;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
 
 use super::engine::Engine;
 use super::psk::Keys;
+use super::records::{Cipher, Secret, Session};
 
 const SUITE: u16 = 0x00a8; // TLS_PSK_WITH_AES_128_GCM_SHA256
 const SCSV: u16 = 0x00ff; // TLS_EMPTY_RENEGOTIATION_INFO_SCSV
@@ -27,7 +31,6 @@ const EXT_RENEGO: u16 = 0xff01;
 const CT_CCS: u8 = 20;
 const CT_ALERT: u8 = 21;
 const CT_HANDSHAKE: u8 = 22;
-const CT_DATA: u8 = 23;
 
 const HS_CLIENT_HELLO: u8 = 1;
 const HS_SERVER_HELLO: u8 = 2;
@@ -44,10 +47,10 @@ const UNEXPECTED_MESSAGE: u8 = 10;
 const BAD_RECORD_MAC: u8 = 20;
 const RECORD_OVERFLOW: u8 = 22;
 const HANDSHAKE_FAILURE: u8 = 40;
+const INTERNAL_ERROR: u8 = 80;
 const DECODE_ERROR: u8 = 50;
 const DECRYPT_ERROR: u8 = 51;
 const PROTOCOL_VERSION: u8 = 70;
-const NO_RENEGOTIATION: u8 = 100;
 const UNKNOWN_PSK_IDENTITY: u8 = 115;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +108,10 @@ pub struct Psk12 {
     read: Option<Dir>,
     write: Option<Dir>,
     pending_write: Option<Dir>,
+    /// The key block (client key, server key, client salt, server salt).
+    key_block: Zeroizing<Vec<u8>>,
+    /// The record layer, after the handshake.
+    session: Option<Box<Session>>,
     user: String,
     closed: bool,
     /// The client offered TLS 1.3 too: the server random says so
@@ -131,6 +138,8 @@ impl Psk12 {
             read: None,
             write: None,
             pending_write: None,
+            key_block: Zeroizing::new(Vec::new()),
+            session: None,
             user: String::new(),
             closed: false,
             downgrade: false,
@@ -183,11 +192,15 @@ impl Psk12 {
     }
 
     /// Takes in complete records from `input`.
-    fn process(&mut self, plain: &mut Vec<u8>) -> io::Result<()> {
+    fn process(&mut self) -> io::Result<()> {
         let mut at = 0;
         let result = loop {
             if self.state == State::Failed {
                 break Err(io::Error::new(io::ErrorKind::InvalidData, "PSK: session failed"));
+            }
+            if self.state == State::Traffic {
+                // The rest is the record layer's.
+                break Ok(());
             }
             if self.input.len() - at < 5 {
                 break Ok(());
@@ -227,10 +240,6 @@ impl Psk12 {
             }
             let body = self.input[body_range].to_vec();
             let r = match typ {
-                CT_DATA if self.state == State::Traffic => {
-                    plain.extend_from_slice(&body);
-                    Ok(())
-                }
                 CT_ALERT => {
                     if body.len() == 2 && body[1] == 0 {
                         self.closed = true;
@@ -266,6 +275,7 @@ impl Psk12 {
         let kb = prf(&self.master, b"key expansion", &[&self.server_random, &self.client_random], 40);
         self.read = Some(Dir::new(&kb[0..16], &kb[32..36]));
         self.pending_write = Some(Dir::new(&kb[16..32], &kb[36..40]));
+        self.key_block = Zeroizing::new(kb);
         self.state = State::Finished;
         Ok(())
     }
@@ -303,10 +313,6 @@ impl Psk12 {
                     self.handshake_msg(HS_FINISHED, &verify);
                     self.state = State::Traffic;
                     log::debug!(target: LOG, "TLS 1.2 handshake complete");
-                }
-                (State::Traffic, HS_CLIENT_HELLO) => {
-                    // Renegotiation: refused with a warning, as RFC 5746 allows.
-                    self.record(CT_ALERT, &[1, NO_RENEGOTIATION]);
                 }
                 _ => return Err(self.fail(UNEXPECTED_MESSAGE, "unexpected handshake message")),
             }
@@ -411,36 +417,75 @@ impl Psk12 {
     }
 }
 
+impl Psk12 {
+    /// The handshake is over: the record layer takes the keys, what is
+    /// still to send and the rest of the input.
+    fn switch(&mut self, plain: &mut Vec<u8>) -> io::Result<bool> {
+        let (Some(rseq), Some(wseq)) = (self.read.as_ref().map(|d| d.seq), self.write.as_ref().map(|d| d.seq)) else {
+            return Err(self.fail(INTERNAL_ERROR, "no traffic keys"));
+        };
+        let kb = &self.key_block;
+        // records.rs' TLS 1.2 IV: the salt, then what the sequence number
+        // is XORed with to make the explicit nonce (zeros: the explicit
+        // nonce is the sequence number, as psk12 has always sent it).
+        let secret = |key: &[u8], salt: &[u8]| {
+            let mut iv = [0u8; 12];
+            iv[..4].copy_from_slice(salt);
+            Secret { cipher: Cipher::Aes128Gcm, key: key.to_vec(), iv }
+        };
+        let rx = (rseq, secret(&kb[0..16], &kb[32..36]));
+        let tx = (wseq, secret(&kb[16..32], &kb[36..40]));
+        let mut s = Box::new(Session::new(super::records::Version::Tls12, rx, tx, None, std::mem::take(&mut self.out))?);
+        self.read = None;
+        self.write = None;
+        self.key_block = Zeroizing::new(Vec::new());
+        let rest = std::mem::take(&mut self.input);
+        let closed = s.feed(&rest, plain);
+        self.session = Some(s);
+        closed
+    }
+}
+
+fn no_session() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "PSK: no session")
+}
+
 impl Engine for Psk12 {
     fn feed(&mut self, raw: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        if let Some(s) = &mut self.session {
+            return s.feed(raw, plain);
+        }
         self.input.extend_from_slice(raw);
-        self.process(plain)?;
+        self.process()?;
+        if self.state == State::Traffic && !self.closed {
+            return self.switch(plain);
+        }
         Ok(self.closed)
     }
 
     fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.state != State::Traffic {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "PSK: no session"));
-        }
-        self.out.reserve(data.len() + data.len() / MAX_PLAIN * 29 + 29);
-        for chunk in data.chunks(MAX_PLAIN) {
-            self.record(CT_DATA, chunk);
-        }
-        Ok(())
+        self.session.as_mut().ok_or_else(no_session)?.encrypt(data)
     }
 
     fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
-        super::engine::write_out(&mut self.out, w)
+        match &mut self.session {
+            Some(s) => s.flush_to(w),
+            None => super::engine::write_out(&mut self.out, w),
+        }
     }
 
     fn handshaking(&self) -> bool {
-        !matches!(self.state, State::Traffic)
+        self.session.is_none()
     }
 
     fn close(&mut self) {
-        if self.state == State::Traffic {
-            self.record(CT_ALERT, &[1, 0]);
+        if let Some(s) = &mut self.session {
+            s.close();
         }
+    }
+
+    fn into_session(self: Box<Self>) -> io::Result<Box<Session>> {
+        self.session.ok_or_else(no_session)
     }
 
     fn describe(&self) -> String {

@@ -2,19 +2,25 @@
 //! RFC 5288, RFC 7905) and TLS 1.3 (RFC 8446 §5) record protection with
 //! AES-128-GCM, AES-256-GCM and ChaCha20-Poly1305 on *ring*.
 //!
-//! The handshake (rustls for X.509) hands over the traffic keys, the
-//! sequence numbers and, for TLS 1.3, a [`Schedule`] that derives the next
-//! keys on a KeyUpdate. Built for throughput: a record is decrypted in
-//! place right where the caller's plaintext goes (one copy from the read
-//! buffer, no allocation per record), and records are sealed in place in
-//! one output buffer, the plaintext of several `encrypt` calls sharing a
-//! record (up to 16 KiB) until the next flush.
+//! The one record layer of every engine's traffic phase: the handshake
+//! (rustls for X.509, psk12.rs, psk13/) hands over the traffic keys, the
+//! sequence numbers and, for TLS 1.3, a [`Schedule`] that derives the
+//! next keys on a KeyUpdate. A [`Session`] is two halves that share only
+//! the schedule: [`Rx`] decrypts (one reader, no lock) and [`Tx`] seals
+//! (the writers, under their lock); what the receive half needs sent
+//! (alerts, the answer to a KeyUpdate) it hands to the send half as
+//! [`Event`]s ([`Tx::apply`]). Built for throughput: a record is
+//! decrypted in place right where the caller's plaintext goes (one copy
+//! from the read buffer, no allocation per record), and records are
+//! sealed in place in one output buffer, the plaintext of several
+//! `encrypt` calls sharing a record (up to 16 KiB) until the next flush.
 //!
 //! Every failure queues a fatal alert (bad_record_mac, record_overflow,
 //! unexpected_message, decode_error…) and ends the session; a client's
 //! close_notify ends it quietly.
 
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 
@@ -125,11 +131,13 @@ pub trait Schedule: Send {
 }
 
 /// One direction: key, IV, sequence number.
-struct Dir {
+pub struct Dir {
     key: LessSafeKey,
     iv: [u8; 12],
-    seq: u64,
-    limit: u64,
+    /// Records protected with this key so far.
+    pub seq: u64,
+    /// Records this key may protect.
+    pub limit: u64,
 }
 
 impl Dir {
@@ -159,25 +167,70 @@ fn aad12(seq: u64, typ: u8, len: usize) -> Aad<[u8; 13]> {
     Aad::from(a)
 }
 
-/// A protected session in one direction pair (see the module docs).
-pub struct Session {
+/// The key schedule, shared by the two halves (used only on a KeyUpdate).
+type Shared = Arc<Mutex<Box<dyn Schedule>>>;
+
+fn next_secret(schedule: &Option<Shared>, rx: bool) -> Option<Secret> {
+    let mut s = schedule.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+    if rx { s.next_rx() } else { s.next_tx() }.ok()
+}
+
+/// What the receive half asks the send half to do (see [`Tx::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Send an alert (level, description); a fatal one ends the session.
+    Alert(u8, u8),
+    /// The peer asked for a KeyUpdate (TLS 1.3): send ours, take new keys.
+    KeyUpdate,
+    /// The peer sent a fatal alert: nothing more goes out.
+    PeerFailed,
+}
+
+/// The receive half of a session: decrypts what the peer sent. One
+/// reader uses it, without a lock; what it needs sent goes to the send
+/// half as [`Event`]s.
+pub struct Rx {
     version: Version,
-    /// AES-GCM under TLS 1.2: 8 explicit nonce bytes per record.
     explicit: bool,
-    rx: Dir,
-    tx: Dir,
-    schedule: Option<Box<dyn Schedule>>,
+    /// The peer's key, IV, sequence number.
+    pub dir: Dir,
+    schedule: Option<Shared>,
+    /// Records the peer may send under one key before the session ends.
+    pub limit: u64,
     /// The start of a record that the last feed did not complete.
     pending: Vec<u8>,
     /// Post-handshake handshake bytes not yet a whole message.
     hs: Vec<u8>,
+    /// For the send half, oldest first.
+    events: Vec<Event>,
+    failed: bool,
+    peer_closed: bool,
+}
+
+/// The send half of a session: seals records into its buffer, written
+/// out by whoever holds it (under the send lock, so records leave in the
+/// order they were sealed).
+pub struct Tx {
+    version: Version,
+    explicit: bool,
+    /// Our key, IV, sequence number and limit.
+    pub dir: Dir,
+    schedule: Option<Shared>,
     /// Records to send.
-    out: Vec<u8>,
+    pub out: Vec<u8>,
     /// Where the application data record being filled starts in `out`.
     open: Option<usize>,
     failed: bool,
-    peer_closed: bool,
     sent_close: bool,
+}
+
+/// A protected session, both halves (the handshake engines and the
+/// tests drive it as one; the transmission phase splits it).
+pub struct Session {
+    /// Receiving.
+    pub rx: Rx,
+    /// Sending.
+    pub tx: Tx,
 }
 
 impl Session {
@@ -185,22 +238,70 @@ impl Session {
     /// holds what the handshake still has to send (sent first).
     pub fn new(version: Version, rx: (u64, Secret), tx: (u64, Secret), schedule: Option<Box<dyn Schedule>>, out: Vec<u8>) -> io::Result<Session> {
         let explicit = version == Version::Tls12 && tx.1.cipher != Cipher::Chacha20Poly1305;
+        let schedule: Option<Shared> = schedule.map(|s| Arc::new(Mutex::new(s)));
         Ok(Session {
-            version,
-            explicit,
-            rx: Dir::new(&rx.1, rx.0)?,
-            tx: Dir::new(&tx.1, tx.0)?,
-            schedule,
-            pending: Vec::new(),
-            hs: Vec::new(),
-            out,
-            open: None,
-            failed: false,
-            peer_closed: false,
-            sent_close: false,
+            rx: Rx {
+                version,
+                explicit,
+                dir: Dir::new(&rx.1, rx.0)?,
+                schedule: schedule.clone(),
+                limit: u64::MAX,
+                pending: Vec::new(),
+                hs: Vec::new(),
+                events: Vec::new(),
+                failed: false,
+                peer_closed: false,
+            },
+            tx: Tx { version, explicit, dir: Dir::new(&tx.1, tx.0)?, schedule, out, open: None, failed: false, sent_close: false },
         })
     }
 
+    /// The two halves.
+    pub fn split(self) -> (Rx, Tx) {
+        (self.rx, self.tx)
+    }
+
+    /// Takes in bytes from the peer (see [`Rx::feed`]); what that asks of
+    /// the send half is done at once.
+    pub fn feed(&mut self, raw: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        let r = self.rx.feed(raw, plain);
+        let applied = self.tx.apply(&mut self.rx);
+        let closed = r?;
+        applied?;
+        Ok(closed)
+    }
+
+    /// See [`Tx::encrypt`].
+    pub fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        self.tx.encrypt(data)
+    }
+
+    /// See [`Tx::flush_to`].
+    pub fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
+        self.tx.flush_to(w)
+    }
+
+    /// See [`Tx::close`].
+    pub fn close(&mut self) {
+        self.tx.close()
+    }
+
+    /// See [`Tx::key_update`].
+    pub fn key_update(&mut self, request: bool) -> io::Result<()> {
+        self.tx.key_update(request)
+    }
+
+    /// The protocol version.
+    pub fn version(&self) -> Version {
+        self.rx.version
+    }
+}
+
+fn dead() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "TLS: the session has failed")
+}
+
+impl Rx {
     /// The largest record body accepted from the peer.
     fn max_body(&self) -> usize {
         match self.version {
@@ -209,24 +310,25 @@ impl Session {
         }
     }
 
-    /// Queues a fatal alert (once) and fails the session.
+    /// Asks for a fatal alert (once) and fails the session.
     fn fail(&mut self, desc: u8, why: &str) -> io::Error {
         if !self.failed {
-            self.control(ct::ALERT, &[2, desc]);
+            self.events.push(Event::Alert(2, desc));
             self.failed = true;
         }
         io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {why}"))
     }
 
-    fn dead() -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, "TLS: the session has failed")
+    /// True when the send half has something to do ([`Tx::apply`]).
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// Takes in bytes read from the peer, appending the application data
     /// they carried to `plain`. `Ok(true)` once the peer sent close_notify.
     pub fn feed(&mut self, mut raw: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
         if self.failed {
-            return Err(Session::dead());
+            return Err(dead());
         }
         if !self.pending.is_empty() {
             let mut rec = std::mem::take(&mut self.pending);
@@ -278,11 +380,15 @@ impl Session {
         Ok(len)
     }
 
-    /// Decrypts one whole record (header included) to the end of `plain`.
-    fn open_record(&mut self, rec: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
+    /// Checks a whole record (header included) before decrypting it:
+    /// where its ciphertext starts in the body and how long it is
+    /// (without the tag).
+    fn check(&mut self, rec: &[u8]) -> io::Result<(usize, usize)> {
         let (typ, body) = (rec[0], &rec[HEADER..]);
-        let at = plain.len();
-        let (content, inner) = match self.version {
+        if self.dir.seq >= self.limit {
+            return Err(self.fail(alert::INTERNAL_ERROR, "the peer did not update its key in time"));
+        }
+        match self.version {
             Version::Tls13 => {
                 if typ != ct::DATA {
                     return Err(self.fail(alert::UNEXPECTED_MESSAGE, "unprotected record after the handshake"));
@@ -290,29 +396,7 @@ impl Session {
                 if body.len() < TAG + 1 {
                     return Err(self.fail(alert::BAD_RECORD_MAC, "record too short"));
                 }
-                let nonce = Nonce::assume_unique_for_key(self.rx.nonce_bytes());
-                let mut hdr = [0u8; HEADER];
-                hdr.copy_from_slice(&rec[..HEADER]);
-                plain.extend_from_slice(body);
-                if self.rx.key.open_in_place(nonce, Aad::from(hdr), &mut plain[at..]).is_err() {
-                    plain.truncate(at);
-                    return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
-                }
-                self.rx.seq += 1;
-                let mut end = plain.len() - TAG;
-                if end - at > MAX_PLAIN + 1 {
-                    plain.truncate(at);
-                    return Err(self.fail(alert::RECORD_OVERFLOW, "record too long"));
-                }
-                // The inner content type is the last non-zero byte (RFC 8446 §5.4).
-                while end > at && plain[end - 1] == 0 {
-                    end -= 1;
-                }
-                if end == at {
-                    plain.truncate(at);
-                    return Err(self.fail(alert::UNEXPECTED_MESSAGE, "record without a content type"));
-                }
-                (end - 1, plain[end - 1])
+                Ok((0, body.len() - TAG))
             }
             Version::Tls12 => {
                 let extra = if self.explicit { EXPLICIT } else { 0 };
@@ -323,31 +407,154 @@ impl Session {
                 if plen > MAX_PLAIN {
                     return Err(self.fail(alert::RECORD_OVERFLOW, "record too long"));
                 }
-                let mut n = self.rx.nonce_bytes();
+                Ok((extra, plen))
+            }
+        }
+    }
+
+    /// Decrypts one whole record (header included, checked) whose
+    /// ciphertext has been copied to `buf` (exactly its length): the
+    /// length of the application data it carried, at the start of `buf`
+    /// (0 for anything else, which is dealt with here).
+    fn open_placed(&mut self, rec: &[u8], buf: &mut [u8]) -> io::Result<usize> {
+        let mut hdr = [0u8; HEADER];
+        hdr.copy_from_slice(&rec[..HEADER]);
+        let body = &rec[HEADER..];
+        let mut tag = [0u8; TAG];
+        tag.copy_from_slice(&body[body.len() - TAG..]);
+        let mut explicit = [0u8; EXPLICIT];
+        if self.explicit {
+            explicit.copy_from_slice(&body[..EXPLICIT]);
+        }
+        self.open_at(hdr, explicit, tag, buf, 0)
+    }
+
+    /// Decrypts a checked record (header `hdr`, TLS 1.2's explicit nonce,
+    /// tag) whose ciphertext is `in_out[src..]`; the plaintext goes to the
+    /// start of `in_out`. As [`Rx::open_placed`].
+    fn open_at(&mut self, hdr: [u8; HEADER], explicit: [u8; EXPLICIT], tag: [u8; TAG], in_out: &mut [u8], src: usize) -> io::Result<usize> {
+        let typ = hdr[0];
+        let clen = in_out.len() - src;
+        let mut n = self.dir.nonce_bytes();
+        let opened = match self.version {
+            Version::Tls13 => self.dir.key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from(hdr), tag.into(), in_out, src..),
+            Version::Tls12 => {
                 if self.explicit {
-                    n[4..].copy_from_slice(&body[..EXPLICIT]);
+                    n[4..].copy_from_slice(&explicit);
                 }
-                plain.extend_from_slice(&body[extra..]);
-                let aad = aad12(self.rx.seq, typ, plen);
-                if self.rx.key.open_in_place(Nonce::assume_unique_for_key(n), aad, &mut plain[at..]).is_err() {
-                    plain.truncate(at);
-                    return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
-                }
-                self.rx.seq += 1;
-                (at + plen, typ)
+                let aad = aad12(self.dir.seq, typ, clen);
+                self.dir.key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), aad, tag.into(), in_out, src..)
             }
         };
-        if self.rx.seq == u64::MAX {
-            plain.truncate(at);
+        if opened.is_err() {
+            return Err(self.fail(alert::BAD_RECORD_MAC, "bad record MAC"));
+        }
+        let buf = &mut in_out[..clen];
+        self.dir.seq += 1;
+        let (content, inner) = match self.version {
+            Version::Tls13 => {
+                if buf.len() > MAX_PLAIN + 1 {
+                    return Err(self.fail(alert::RECORD_OVERFLOW, "record too long"));
+                }
+                // The inner content type is the last non-zero byte (RFC 8446 §5.4).
+                match buf.iter().rposition(|&b| b != 0) {
+                    Some(end) => (end, buf[end]),
+                    None => return Err(self.fail(alert::UNEXPECTED_MESSAGE, "record without a content type")),
+                }
+            }
+            Version::Tls12 => (buf.len(), typ),
+        };
+        if self.dir.seq == u64::MAX {
             return Err(self.fail(alert::INTERNAL_ERROR, "sequence number exhausted"));
         }
-        if inner == ct::DATA {
-            plain.truncate(content);
-            return Ok(());
+        if !self.hs.is_empty() && inner != ct::HANDSHAKE {
+            // Handshake messages are not interleaved with other records (RFC 8446 §5.1).
+            return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a record inside a handshake message"));
         }
-        let msg = plain[at..content].to_vec();
-        plain.truncate(at);
-        self.received(inner, &msg)
+        if inner == ct::DATA {
+            return Ok(content);
+        }
+        let msg = buf[..content].to_vec();
+        self.received(inner, &msg)?;
+        Ok(0)
+    }
+
+    /// Decrypts one whole record (header included) to the end of `plain`.
+    fn open_record(&mut self, rec: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
+        let (start, len) = self.check(rec)?;
+        let at = plain.len();
+        plain.extend_from_slice(&rec[HEADER + start..HEADER + start + len]);
+        let r = self.open_placed(rec, &mut plain[at..]);
+        plain.truncate(at + *r.as_ref().unwrap_or(&0));
+        r.map(|_| ())
+    }
+
+    /// The length of the whole record at the start of `raw` (header
+    /// included), once it is all there.
+    pub fn record_len(&mut self, raw: &[u8]) -> io::Result<Option<usize>> {
+        if self.failed {
+            return Err(dead());
+        }
+        if raw.len() < HEADER {
+            return Ok(None);
+        }
+        let len = self.header(raw)?;
+        Ok((raw.len() >= HEADER + len).then_some(HEADER + len))
+    }
+
+    /// Decrypts the whole record `rec` (see [`Rx::record_len`]) straight
+    /// into `dst` if its ciphertext fits there: the length of the
+    /// application data it carried, at the start of `dst`; None (nothing
+    /// done) if it does not fit. Whatever else the record held is dealt
+    /// with as [`Rx::feed`] does.
+    pub fn open_into(&mut self, rec: &[u8], dst: &mut [u8]) -> io::Result<Option<usize>> {
+        if self.failed {
+            return Err(dead());
+        }
+        if self.peer_closed {
+            return Ok(Some(0));
+        }
+        let (start, len) = self.check(rec)?;
+        let Some(buf) = dst.get_mut(..len) else { return Ok(None) };
+        buf.copy_from_slice(&rec[HEADER + start..HEADER + start + len]);
+        self.open_placed(rec, buf).map(Some)
+    }
+
+    /// Decrypts the whole records at the start of `buf` where they are,
+    /// their plaintext moved together at its start (over the headers,
+    /// nonces and tags): the plaintext's length, and how much of `buf`
+    /// the records took (the rest is the start of a record, or follows
+    /// close_notify). Whatever else the records held is dealt with as
+    /// [`Rx::feed`] does.
+    pub fn open_all(&mut self, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+        let (mut out, mut at) = (0, 0);
+        while !self.peer_closed {
+            let Some(len) = self.record_len(&buf[at..])? else { break };
+            let (start, clen) = self.check(&buf[at..at + len])?;
+            let mut hdr = [0u8; HEADER];
+            hdr.copy_from_slice(&buf[at..at + HEADER]);
+            let mut explicit = [0u8; EXPLICIT];
+            if self.explicit {
+                explicit.copy_from_slice(&buf[at + HEADER..at + HEADER + EXPLICIT]);
+            }
+            let mut tag = [0u8; TAG];
+            tag.copy_from_slice(&buf[at + len - TAG..at + len]);
+            let ct = at + HEADER + start;
+            out += self.open_at(hdr, explicit, tag, &mut buf[out..ct + clen], ct - out)?;
+            at += len;
+        }
+        Ok((out, at))
+    }
+
+    /// True once the peer has sent close_notify.
+    pub fn closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// The start of a record that [`Rx::feed`] is waiting to complete
+    /// (handed to a reader that frames the records itself).
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
     }
 
     /// A record that is not application data.
@@ -363,6 +570,7 @@ impl Session {
                     (Version::Tls12, 1, _) => {}
                     _ => {
                         self.failed = true;
+                        self.events.push(Event::PeerFailed);
                         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("TLS: the peer sent alert {desc}")));
                     }
                 }
@@ -400,20 +608,56 @@ impl Session {
                         // The new keys start with the next record (RFC 8446 §5.1).
                         return Err(self.fail(alert::UNEXPECTED_MESSAGE, "KeyUpdate not at the end of its record"));
                     }
-                    let next = self.schedule.as_mut().map(|s| s.next_rx());
-                    match next {
-                        Some(Ok(s)) => self.rx = Dir::new(&s, 0)?,
-                        _ => return Err(self.fail(alert::INTERNAL_ERROR, "no key schedule for KeyUpdate")),
+                    match next_secret(&self.schedule, true) {
+                        Some(s) => self.dir = Dir::new(&s, 0)?,
+                        None => return Err(self.fail(alert::INTERNAL_ERROR, "no key schedule for KeyUpdate")),
                     }
+                    log::debug!(target: "tls::records", "KeyUpdate received (update_requested: {request})");
                     if request {
-                        self.key_update(false)?;
+                        self.events.push(Event::KeyUpdate);
                     }
                 }
-                (Version::Tls12, HS_CLIENT_HELLO) => self.control(ct::ALERT, &[1, alert::NO_RENEGOTIATION]),
+                (Version::Tls12, HS_CLIENT_HELLO) => self.events.push(Event::Alert(1, alert::NO_RENEGOTIATION)),
                 _ => return Err(self.fail(alert::UNEXPECTED_MESSAGE, "unexpected handshake message")),
             }
         }
         Ok(())
+    }
+}
+
+impl Tx {
+    /// Queues a fatal alert (once) and fails the session.
+    fn fail(&mut self, desc: u8, why: &str) -> io::Error {
+        if !self.failed {
+            self.control(ct::ALERT, &[2, desc]);
+            self.failed = true;
+        }
+        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {why}"))
+    }
+
+    /// Does what the receive half asked, in order (the records go out
+    /// with the next [`Tx::flush_to`]).
+    pub fn apply(&mut self, rx: &mut Rx) -> io::Result<()> {
+        let mut r = Ok(());
+        for e in rx.events.drain(..) {
+            match e {
+                Event::Alert(level, desc) => {
+                    if !self.failed {
+                        self.control(ct::ALERT, &[level, desc]);
+                        self.failed = level == 2;
+                    }
+                }
+                Event::PeerFailed => self.failed = true,
+                Event::KeyUpdate => {
+                    if !self.failed && !self.sent_close {
+                        if let Err(e) = self.key_update(false) {
+                            r = r.and(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+        r
     }
 
     /// Sends a KeyUpdate and moves to our next keys (TLS 1.3).
@@ -422,16 +666,20 @@ impl Session {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS: no KeyUpdate here"));
         }
         self.control(ct::HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, request as u8]);
-        let next = self.schedule.as_mut().map(|s| s.next_tx());
-        match next {
-            Some(Ok(s)) => self.tx = Dir::new(&s, 0)?,
-            _ => return Err(self.fail(alert::INTERNAL_ERROR, "no key schedule for KeyUpdate")),
+        match next_secret(&self.schedule, false) {
+            Some(s) => {
+                let limit = self.dir.limit;
+                self.dir = Dir::new(&s, 0)?;
+                self.dir.limit = limit;
+            }
+            None => return Err(self.fail(alert::INTERNAL_ERROR, "no key schedule for KeyUpdate")),
         }
+        log::debug!(target: "tls::records", "KeyUpdate sent");
         Ok(())
     }
 
     /// Starts a record at the end of `out`; where it starts.
-    fn begin(&mut self, typ: u8, room: usize) -> usize {
+    pub fn begin(&mut self, typ: u8, room: usize) -> usize {
         let at = self.out.len();
         self.out.reserve(HEADER + EXPLICIT + room + 1 + TAG);
         self.out.extend_from_slice(&[typ, 3, 3, 0, 0]);
@@ -442,9 +690,9 @@ impl Session {
     }
 
     /// Seals the record at `at` whose plaintext runs to the end of `out`.
-    fn seal(&mut self, at: usize, typ: u8) {
+    pub fn seal(&mut self, at: usize, typ: u8) {
         let start = at + HEADER + if self.explicit { EXPLICIT } else { 0 };
-        let nonce = self.tx.nonce_bytes();
+        let nonce = self.dir.nonce_bytes();
         let r = match self.version {
             Version::Tls13 => {
                 self.out.push(typ);
@@ -452,7 +700,7 @@ impl Session {
                 self.out[at..at + HEADER].copy_from_slice(&[ct::DATA, 3, 3, (len >> 8) as u8, len as u8]);
                 let mut hdr = [0u8; HEADER];
                 hdr.copy_from_slice(&self.out[at..at + HEADER]);
-                self.tx.key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(hdr), &mut self.out[start..])
+                self.dir.key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(hdr), &mut self.out[start..])
             }
             Version::Tls12 => {
                 let plen = self.out.len() - start;
@@ -461,13 +709,13 @@ impl Session {
                 if self.explicit {
                     self.out[at + HEADER..start].copy_from_slice(&nonce[4..]);
                 }
-                let aad = aad12(self.tx.seq, typ, plen);
-                self.tx.key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, &mut self.out[start..])
+                let aad = aad12(self.dir.seq, typ, plen);
+                self.dir.key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, &mut self.out[start..])
             }
         };
         let tag = r.expect("AEAD seal of a record-sized plaintext");
         self.out.extend_from_slice(tag.as_ref());
-        self.tx.seq += 1;
+        self.dir.seq += 1;
     }
 
     /// Seals the application data record being filled, if any.
@@ -478,7 +726,7 @@ impl Session {
     }
 
     /// Queues one record of type `typ` (alerts, handshake messages).
-    fn control(&mut self, typ: u8, msg: &[u8]) {
+    pub fn control(&mut self, typ: u8, msg: &[u8]) {
         self.close_open();
         let at = self.begin(typ, msg.len());
         self.out.extend_from_slice(msg);
@@ -489,13 +737,13 @@ impl Session {
     /// 16 KiB and sealed when full or at the next flush.
     pub fn encrypt(&mut self, mut data: &[u8]) -> io::Result<()> {
         if self.failed || self.sent_close {
-            return Err(Session::dead());
+            return Err(dead());
         }
         while !data.is_empty() {
             let at = match self.open {
                 Some(at) => at,
                 None => {
-                    if self.tx.seq >= self.tx.limit {
+                    if self.dir.seq >= self.dir.limit {
                         match self.version {
                             Version::Tls13 => self.key_update(false)?,
                             Version::Tls12 => {
@@ -532,11 +780,6 @@ impl Session {
             self.control(ct::ALERT, &[1, alert::CLOSE_NOTIFY]);
             self.sent_close = true;
         }
-    }
-
-    /// The protocol version.
-    pub fn version(&self) -> Version {
-        self.version
     }
 }
 

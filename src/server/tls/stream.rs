@@ -3,11 +3,16 @@
 //! transmission phase's blocking streams ([`Input`], [`Output`]), which
 //! the worker threads use like the plain socket.
 //!
-//! One session per connection, behind one lock ([`Link`]); whoever holds
-//! it also writes the records it made to the socket, so records leave in
-//! the order they were made. A reader decrypts what it read from the
-//! socket (the read itself happens without the lock); a writer encrypts a
-//! reply and writes it out.
+//! The handshake runs on the engine alone (one task); then the session is
+//! two halves (records.rs). The receive half belongs to the connection's
+//! one reader ([`AsyncIn`] during the negotiation, then [`TlsIn`]), which
+//! reads and decrypts without any lock. The send half is the writers',
+//! behind the send lock ([`Link`]); whoever holds it seals a reply and
+//! writes the records to the socket, so records leave in the order they
+//! were sealed. What the receive half needs sent (a fatal alert, the
+//! answer to a KeyUpdate, a renegotiation refused) it hands to the send
+//! half under that lock: the transmission's reader takes it briefly and
+//! writes the records out itself.
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
@@ -18,23 +23,31 @@ use std::task::{Context, Poll};
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::engine::Engine;
+use super::records::{Rx, Tx};
 use super::Tls;
 
-/// What is read from the socket at once.
+/// What is read from the socket at once (much more than a record).
 const RAW: usize = 256 * 1024;
+/// A read into a buffer at least this big takes the ciphertext straight
+/// into it (see [`TlsIn`]). Not the memory plugin's 32 KiB pages, which a
+/// WRITE fills through one vectored read: there a read per page, and the
+/// record cut at each page's end moved back and forth, would cost about
+/// what the copy out of the raw buffer saves.
+const DIRECT: usize = 64 * 1024;
 
-/// A connection's TLS session.
+/// A connection's TLS session after the handshake.
 pub struct Link {
-    engine: Mutex<Box<dyn Engine>>,
-    /// Plaintext the negotiation read but did not use (the first bytes of
-    /// the transmission phase), handed to [`Input`].
-    leftover: Mutex<Vec<u8>>,
+    /// The send half, shared by the writers (the send lock).
+    tx: Mutex<Tx>,
+    /// The receive half and the plaintext the negotiation read but did not
+    /// use (the first bytes of the transmission phase), from [`AsyncIn`]
+    /// to [`Input`].
+    rx: Mutex<Option<(Rx, Vec<u8>)>>,
 }
 
 impl Link {
-    fn lock(&self) -> MutexGuard<'_, Box<dyn Engine>> {
-        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    fn tx(&self) -> MutexGuard<'_, Tx> {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -45,17 +58,14 @@ type DynWrite = Box<dyn AsyncWrite + Unpin + Send>;
 /// connection's streams (under the handshake timeout); then the streams
 /// are replaced by ones that go through the session.
 pub async fn upgrade(tls: &Tls, r: &mut DynRead, w: &mut DynWrite) -> io::Result<Arc<Link>> {
-    let link = Arc::new(Link { engine: Mutex::new(tls.engine()?), leftover: Mutex::new(Vec::new()) });
+    let mut engine = tls.engine()?;
     let mut raw = vec![0u8; 64 * 1024];
     let mut plain = Vec::new();
     let result = async {
         loop {
             let mut out = Vec::new();
-            let busy = {
-                let mut e = link.lock();
-                e.flush_to(&mut out)?;
-                e.handshaking()
-            };
+            engine.flush_to(&mut out)?;
+            let busy = engine.handshaking();
             if !out.is_empty() {
                 w.write_all(&out).await?;
                 w.flush().await?;
@@ -67,10 +77,10 @@ pub async fn upgrade(tls: &Tls, r: &mut DynRead, w: &mut DynWrite) -> io::Result
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client hung up"));
             }
-            let fed = link.lock().feed(&raw[..n], &mut plain);
+            let fed = engine.feed(&raw[..n], &mut plain);
             if let Err(err) = fed {
                 let mut out = Vec::new();
-                let _ = link.lock().flush_to(&mut out); // the alert
+                let _ = engine.flush_to(&mut out); // the alert
                 let _ = w.write_all(&out).await;
                 let _ = w.flush().await;
                 return Err(err);
@@ -84,13 +94,15 @@ pub async fn upgrade(tls: &Tls, r: &mut DynRead, w: &mut DynWrite) -> io::Result
     }
     crate::debug!("using TLS on this connection");
     if crate::util::log::debug_flag("nbdkit", "tls_session") != 0 {
-        for line in link.lock().describe().lines() {
+        for line in engine.describe().lines() {
             crate::util::log::debug(line);
         }
     }
+    let (rx, tx) = engine.into_session()?.split();
+    let link = Arc::new(Link { tx: Mutex::new(tx), rx: Mutex::new(None) });
     let old_r = std::mem::replace(r, Box::new(futures_lite::io::empty()));
     let old_w = std::mem::replace(w, Box::new(futures_lite::io::sink()));
-    *r = Box::new(AsyncIn { inner: old_r, link: link.clone(), raw, plain, at: 0, eof: false });
+    *r = Box::new(AsyncIn { inner: old_r, link: link.clone(), rx: Some(rx), raw, plain, at: 0, eof: false });
     *w = Box::new(AsyncOut { inner: old_w, link: link.clone(), out: Vec::new(), at: 0 });
     Ok(link)
 }
@@ -99,6 +111,8 @@ pub async fn upgrade(tls: &Tls, r: &mut DynRead, w: &mut DynWrite) -> io::Result
 pub struct AsyncIn {
     inner: DynRead,
     link: Arc<Link>,
+    /// The receive half (until dropped: then the transmission's).
+    rx: Option<Rx>,
     raw: Vec<u8>,
     plain: Vec<u8>,
     at: usize,
@@ -128,8 +142,12 @@ impl AsyncRead for AsyncIn {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
                 Poll::Ready(Ok(n)) => n,
             };
+            let Some(rx) = me.rx.as_mut() else { return Poll::Ready(Err(no_session())) };
+            let fed = rx.feed(&me.raw[..n], &mut me.plain);
             // (What the session has to say back goes out with the next reply.)
-            me.eof = me.link.lock().feed(&me.raw[..n], &mut me.plain)?;
+            let applied = if rx.has_events() { me.link.tx().apply(rx) } else { Ok(()) };
+            me.eof = fed?;
+            applied?;
         }
     }
 }
@@ -137,8 +155,14 @@ impl AsyncRead for AsyncIn {
 impl Drop for AsyncIn {
     fn drop(&mut self) {
         let rest = self.plain.split_off(self.at);
-        *self.link.leftover.lock().unwrap_or_else(|p| p.into_inner()) = rest;
+        if let Some(rx) = self.rx.take() {
+            *self.link.rx.lock().unwrap_or_else(|p| p.into_inner()) = Some((rx, rest));
+        }
     }
+}
+
+fn no_session() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "TLS: no session")
 }
 
 /// Plaintext to the client during the negotiation.
@@ -174,16 +198,16 @@ impl AsyncWrite for AsyncOut {
         if me.at < me.out.len() {
             return Poll::Pending;
         }
-        let mut e = me.link.lock();
-        e.encrypt(buf)?;
-        e.flush_to(&mut me.out)?;
+        let mut t = me.link.tx();
+        t.encrypt(buf)?;
+        t.flush_to(&mut me.out)?;
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = &mut *self;
         if me.out.is_empty() {
             // Records the reader's side made (alerts, key updates).
-            me.link.lock().flush_to(&mut me.out)?;
+            me.link.tx().flush_to(&mut me.out)?;
         }
         match me.poll_drain(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut me.inner).poll_flush(cx),
@@ -203,7 +227,7 @@ pub enum Input {
     /// The socket itself.
     Plain(File),
     /// Through TLS.
-    Tls(TlsIn),
+    Tls(Box<TlsIn>),
 }
 
 /// The server → client stream of the transmission phase.
@@ -217,8 +241,16 @@ pub enum Output {
 impl Input {
     /// Over `link` on the socket `sock` (blocking).
     pub fn tls(link: &Arc<Link>, sock: File) -> Input {
-        let plain = std::mem::take(&mut *link.leftover.lock().unwrap_or_else(|p| p.into_inner()));
-        Input::Tls(TlsIn { link: link.clone(), sock, raw: vec![0; RAW], plain, at: 0, eof: false })
+        let taken = link.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (mut rx, plain) = match taken {
+            Some((rx, plain)) => (Some(rx), plain),
+            None => (None, Vec::new()),
+        };
+        // A record the negotiation's reader had begun: this one frames them.
+        let mut raw = vec![0; RAW];
+        let begun = rx.as_mut().map(Rx::take_pending).unwrap_or_default();
+        raw[..begun.len()].copy_from_slice(&begun);
+        Input::Tls(Box::new(TlsIn { link: link.clone(), rx, sock, raw, rpos: 0, rend: begun.len(), plain, at: 0, eof: false }))
     }
 
     /// The socket's descriptor.
@@ -287,50 +319,145 @@ impl Write for Output {
     }
 }
 
-/// Decrypts what comes from the socket.
+/// Decrypts what comes from the socket, without any lock. A big read
+/// takes the ciphertext straight into the caller's buffer and the records
+/// are decrypted there, their plaintext moved together over the headers
+/// and tags (no copy but the kernel's); otherwise whole records go
+/// straight into the caller's buffers when they fit there (one copy, out
+/// of the read buffer), the others through `plain`.
 pub struct TlsIn {
     link: Arc<Link>,
+    /// The receive half: this reader's alone.
+    rx: Option<Rx>,
     sock: File,
+    /// What was read from the socket: `raw[rpos..rend]` is not decrypted yet.
     raw: Vec<u8>,
+    rpos: usize,
+    rend: usize,
+    /// Plaintext of records that did not fit where the caller wanted it.
     plain: Vec<u8>,
     at: usize,
     eof: bool,
 }
 
 impl TlsIn {
-    fn fill(&mut self) -> io::Result<()> {
-        while self.at == self.plain.len() && !self.eof {
-            self.plain.clear();
-            self.at = 0;
-            // The read happens without the lock: writers go on meanwhile.
-            let n = self.sock.read(&mut self.raw)?;
-            if n == 0 {
-                self.eof = true;
-                break;
-            }
-            let mut e = self.link.lock();
-            let fed = e.feed(&self.raw[..n], &mut self.plain);
-            let flushed = e.flush_to(&mut Retry(&self.sock));
-            drop(e);
-            self.eof = fed?;
-            flushed?;
+    /// Sends what the receive half asked for, if anything (an alert, the
+    /// answer to a KeyUpdate: the send lock, briefly); then `r`.
+    fn settle<T>(link: &Link, sock: &File, rx: &mut Rx, r: io::Result<T>) -> io::Result<T> {
+        if !rx.has_events() {
+            return r;
         }
-        Ok(())
+        let mut t = link.tx();
+        let sent = t.apply(rx).and_then(|()| t.flush_to(&mut Retry(sock)));
+        let v = r?;
+        sent?;
+        Ok(v)
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        self.fill()?;
-        let mut n = 0;
-        for b in bufs.iter_mut() {
-            let k = b.len().min(self.plain.len() - self.at);
-            b[..k].copy_from_slice(&self.plain[self.at..self.at + k]);
-            self.at += k;
-            n += k;
-            if self.at == self.plain.len() {
-                break;
+        let Some(rx) = self.rx.as_mut() else { return Err(no_session()) };
+        loop {
+            if self.at < self.plain.len() {
+                let mut n = 0;
+                for b in bufs.iter_mut() {
+                    let k = b.len().min(self.plain.len() - self.at);
+                    b[..k].copy_from_slice(&self.plain[self.at..self.at + k]);
+                    self.at += k;
+                    n += k;
+                    if self.at == self.plain.len() {
+                        self.plain.clear();
+                        self.at = 0;
+                        break;
+                    }
+                }
+                return Ok(n);
             }
+            if self.eof {
+                return Ok(0);
+            }
+            // A big read and no whole record buffered: the socket straight
+            // into the caller's buffer, the records decrypted there.
+            if let Some(b) = bufs.iter_mut().find(|b| !b.is_empty()).filter(|b| b.len() >= DIRECT) {
+                let r = rx.record_len(&self.raw[self.rpos..self.rend]);
+                if TlsIn::settle(&self.link, &self.sock, rx, r)?.is_none() {
+                    let m = self.rend - self.rpos;
+                    b[..m].copy_from_slice(&self.raw[self.rpos..self.rend]);
+                    // (On an error raw still has the start of the record.)
+                    let k = self.sock.read(&mut b[m..])?;
+                    (self.rpos, self.rend) = (0, 0);
+                    if k == 0 {
+                        self.eof = true;
+                        return Ok(0);
+                    }
+                    let r = rx.open_all(&mut b[..m + k]);
+                    let (n, used) = TlsIn::settle(&self.link, &self.sock, rx, r)?;
+                    if rx.closed() {
+                        self.eof = true;
+                    } else {
+                        self.rend = m + k - used;
+                        self.raw[..self.rend].copy_from_slice(&b[used..m + k]);
+                    }
+                    if n > 0 || self.eof {
+                        return Ok(n);
+                    }
+                    continue;
+                }
+            }
+            // Whole records into the caller's buffers, in order, while they fit.
+            let (mut n, mut more, mut big) = (0, false, None);
+            'bufs: for b in bufs.iter_mut() {
+                let mut off = 0;
+                loop {
+                    let r = rx.record_len(&self.raw[self.rpos..self.rend]);
+                    let Some(len) = TlsIn::settle(&self.link, &self.sock, rx, r)? else {
+                        more = true;
+                        break 'bufs;
+                    };
+                    let r = rx.open_into(&self.raw[self.rpos..self.rpos + len], &mut b[off..]);
+                    match TlsIn::settle(&self.link, &self.sock, rx, r)? {
+                        Some(k) => {
+                            self.rpos += len;
+                            off += k;
+                            n += k;
+                            if rx.closed() {
+                                self.eof = true;
+                                break 'bufs;
+                            }
+                        }
+                        None if off == b.len() => continue 'bufs,
+                        None => {
+                            big = Some(len);
+                            break 'bufs;
+                        }
+                    }
+                }
+            }
+            if n > 0 || self.eof {
+                return Ok(n);
+            }
+            if let Some(len) = big {
+                // More than the room left: through `plain`.
+                let r = rx.feed(&self.raw[self.rpos..self.rpos + len], &mut self.plain);
+                self.rpos += len;
+                self.eof = TlsIn::settle(&self.link, &self.sock, rx, r)?;
+                continue;
+            }
+            if !more {
+                // (Every buffer has no room at all.)
+                return Ok(0);
+            }
+            // The rest of a record: read more, without any lock.
+            if self.rpos > 0 {
+                self.raw.copy_within(self.rpos..self.rend, 0);
+                self.rend -= self.rpos;
+                self.rpos = 0;
+            }
+            let k = self.sock.read(&mut self.raw[self.rend..])?;
+            if k == 0 {
+                self.eof = true;
+            }
+            self.rend += k;
         }
-        Ok(n)
     }
 }
 
@@ -350,22 +477,22 @@ impl TlsOut {
     /// Encrypts and sends all of `bufs` (never a part: a record cut off
     /// would end the session anyway).
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let mut e = self.link.lock();
+        let mut t = self.link.tx();
         let mut n = 0;
         for b in bufs {
-            e.encrypt(b)?;
+            t.encrypt(b)?;
             n += b.len();
         }
-        e.flush_to(&mut Retry(&self.sock))?;
+        t.flush_to(&mut Retry(&self.sock))?;
         Ok(n)
     }
 }
 
 impl Drop for TlsOut {
     fn drop(&mut self) {
-        let mut e = self.link.lock();
-        e.close();
-        let _ = e.flush_to(&mut Retry(&self.sock));
+        let mut t = self.link.tx();
+        t.close();
+        let _ = t.flush_to(&mut Retry(&self.sock));
     }
 }
 
@@ -393,3 +520,6 @@ impl Write for Retry<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

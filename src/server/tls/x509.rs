@@ -221,9 +221,7 @@ impl Engine for Rustls {
     fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
         match &mut self.phase {
             Phase::Records(s) => s.flush_to(w),
-            _ => {
-                super::engine::write_out(&mut self.out, w)
-            }
+            _ => super::engine::write_out(&mut self.out, w),
         }
     }
 
@@ -234,6 +232,13 @@ impl Engine for Rustls {
     fn close(&mut self) {
         if let Phase::Records(s) = &mut self.phase {
             s.close();
+        }
+    }
+
+    fn into_session(self: Box<Self>) -> io::Result<Box<Session>> {
+        match self.phase {
+            Phase::Records(s) => Ok(s),
+            _ => Err(io::Error::new(io::ErrorKind::NotConnected, "TLS: the handshake is not over")),
         }
     }
 

@@ -10,11 +10,14 @@
 //! hash is the binder's; a HelloRetryRequest when the client supports
 //! X25519 or P-256 but sent no share for them; the middlebox
 //! compatibility ChangeCipherSpec. No 0-RTT (early data is skipped), no
-//! session tickets, no certificates. KeyUpdate: the client's are
-//! followed (and answered when it asks); the server updates its own key
-//! itself before 2^24 records, well inside RFC 8446 §5.5's limit for
-//! AES-GCM; a client that sends 2^24.5 records under one key is
-//! disconnected. Every failure sends a fatal alert and ends the session.
+//! session tickets, no certificates. Every failure sends a fatal alert
+//! and ends the session. After the client's Finished the application
+//! traffic keys go to the record layer (records.rs), as X.509 sessions'
+//! do, with the key schedule for KeyUpdates ([`schedule::Updates`]): the
+//! client's are followed (and answered when it asks); the server updates
+//! its own key itself before 2^24 records, well inside RFC 8446 §5.5's
+//! limit for AES-GCM; a client that sends 2^24.5 records under one key
+//! is disconnected.
 
 pub mod hello;
 pub mod schedule;
@@ -32,6 +35,7 @@ use zeroize::Zeroizing;
 
 use super::engine::Engine;
 use super::psk::Keys;
+use super::records::{self, Session};
 use hello::Hello;
 use schedule::{Dir, Secret, Suite, SUITES};
 
@@ -44,7 +48,6 @@ const HS_CLIENT_HELLO: u8 = 1;
 const HS_SERVER_HELLO: u8 = 2;
 const HS_ENCRYPTED_EXTENSIONS: u8 = 8;
 const HS_FINISHED: u8 = 20;
-const HS_KEY_UPDATE: u8 = 24;
 const HS_MESSAGE_HASH: u8 = 254;
 
 /// The largest plaintext of a record (2^14) and ciphertext (2^14 + 256).
@@ -136,6 +139,9 @@ pub struct Psk13 {
     /// The client's Finished: its key and the transcript hash it signs.
     client_finished: Option<(hmac::Key, digest::Digest)>,
     client_traffic: Option<Secret>,
+    server_traffic: Option<Secret>,
+    /// The record layer, after the handshake.
+    session: Option<Box<Session>>,
     suite: Option<&'static Suite>,
     group: u16,
     user: String,
@@ -167,6 +173,8 @@ impl Psk13 {
             early: 0,
             client_finished: None,
             client_traffic: None,
+            server_traffic: None,
+            session: None,
             suite: None,
             group: 0,
             user: String::new(),
@@ -206,34 +214,23 @@ impl Psk13 {
         Ok(())
     }
 
-    /// Sends KeyUpdate(update_not_requested) and moves to the next key.
-    fn update_write_key(&mut self) -> io::Result<()> {
-        self.sealed(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 0])?;
-        let next = self.write.as_ref().and_then(Dir::next);
-        if next.is_none() {
-            return Err(self.fail(INTERNAL_ERROR, "key update"));
-        }
-        self.write = next;
-        log::debug!(target: LOG, "KeyUpdate sent");
-        Ok(())
-    }
-
     /// Takes in complete records from `input`.
-    fn process(&mut self, plain: &mut Vec<u8>) -> io::Result<()> {
+    fn process(&mut self) -> io::Result<()> {
         let mut input = std::mem::take(&mut self.input);
         let mut at = 0;
-        let r = self.records(&mut input, &mut at, plain);
+        let r = self.records(&mut input, &mut at);
         input.drain(..at);
         self.input = input;
         r
     }
 
-    fn records(&mut self, input: &mut [u8], at: &mut usize, plain: &mut Vec<u8>) -> io::Result<()> {
+    fn records(&mut self, input: &mut [u8], at: &mut usize) -> io::Result<()> {
         loop {
             if self.state == State::Failed {
                 return Err(failed());
             }
-            if self.closed {
+            // After the handshake, the rest is the record layer's.
+            if self.closed || self.state == State::Traffic {
                 return Ok(());
             }
             let rest = &input[*at..];
@@ -255,12 +252,12 @@ impl Psk13 {
             }
             let rec = &mut input[*at..*at + 5 + len];
             *at += 5 + len;
-            self.record_in(typ, rec, plain)?;
+            self.record_in(typ, rec)?;
         }
     }
 
     /// One record from the client.
-    fn record_in(&mut self, typ: u8, rec: &mut [u8], plain: &mut Vec<u8>) -> io::Result<()> {
+    fn record_in(&mut self, typ: u8, rec: &mut [u8]) -> io::Result<()> {
         let (hdr, body) = rec.split_at_mut(5);
         if typ == CT_CCS {
             // RFC 8446 §5: one unprotected change_cipher_spec (0x01) may
@@ -284,17 +281,14 @@ impl Psk13 {
             if body.is_empty() {
                 return Err(self.fail(UNEXPECTED_MESSAGE, "empty record"));
             }
-            return self.content(typ, body, plain);
+            return self.content(typ, body);
         }
         if typ != CT_DATA {
             if typ == CT_ALERT && self.state == State::Finished {
                 // A client that could not take the ServerHello alerts in the clear.
-                return self.content(typ, body, plain);
+                return self.content(typ, body);
             }
             return Err(self.fail(UNEXPECTED_MESSAGE, "unprotected record"));
-        }
-        if self.read.as_ref().is_some_and(|r| r.seq >= self.read_limit) {
-            return Err(self.fail(INTERNAL_ERROR, "the client did not update its key in time"));
         }
         let Some(opened) = self.read.as_mut().map(|r| r.open(hdr, body)) else {
             return Err(self.fail(INTERNAL_ERROR, "no keys"));
@@ -305,14 +299,10 @@ impl Psk13 {
                 if n > MAX_PLAIN {
                     return Err(self.fail(RECORD_OVERFLOW, "record too long"));
                 }
-                if inner == CT_DATA && self.state == State::Traffic && self.hs.is_empty() {
-                    plain.extend_from_slice(&body[..n]);
-                    return Ok(());
-                }
                 if n == 0 && inner != CT_DATA {
                     return Err(self.fail(UNEXPECTED_MESSAGE, "empty record"));
                 }
-                self.content(inner, &body[..n], plain)
+                self.content(inner, &body[..n])
             }
             Err(false) => Err(self.fail(UNEXPECTED_MESSAGE, "record without a content type")),
             Err(true) if self.state == State::Finished && self.early > 0 && self.early >= body.len() => {
@@ -325,15 +315,11 @@ impl Psk13 {
     }
 
     /// One record's content (decrypted).
-    fn content(&mut self, typ: u8, data: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
+    fn content(&mut self, typ: u8, data: &[u8]) -> io::Result<()> {
         if !self.hs.is_empty() && typ != CT_HANDSHAKE {
             return Err(self.fail(UNEXPECTED_MESSAGE, "a record inside a handshake message"));
         }
         match typ {
-            CT_DATA if self.state == State::Traffic => {
-                plain.extend_from_slice(data);
-                Ok(())
-            }
             CT_ALERT => {
                 if data.len() != 2 {
                     return Err(self.fail(DECODE_ERROR, "malformed alert"));
@@ -378,7 +364,6 @@ impl Psk13 {
             match (self.state, msg[0]) {
                 (State::Hello | State::Hello2, HS_CLIENT_HELLO) => self.client_hello(&msg)?,
                 (State::Finished, HS_FINISHED) => self.client_finished(&msg)?,
-                (State::Traffic, HS_KEY_UPDATE) => self.key_update(&msg)?,
                 _ => return Err(self.fail(UNEXPECTED_MESSAGE, "unexpected handshake message")),
             }
         }
@@ -509,7 +494,7 @@ impl Psk13 {
         let s_ap = suite.derive(&master, b"s ap traffic", th.as_ref());
         key_log("CLIENT_TRAFFIC_SECRET_0", &h.random, &c_ap);
         key_log("SERVER_TRAFFIC_SECRET_0", &h.random, &s_ap);
-        let (Some(w_hs), Some(r_hs), Some(w_ap)) = (Dir::new(suite, s_hs), Dir::new(suite, c_hs.clone()), Dir::new(suite, s_ap)) else {
+        let (Some(w_hs), Some(r_hs), Some(w_ap)) = (Dir::new(suite, s_hs), Dir::new(suite, c_hs.clone()), Dir::new(suite, s_ap.clone())) else {
             return Err(self.fail(INTERNAL_ERROR, "traffic keys"));
         };
         self.write = Some(w_hs);
@@ -518,6 +503,7 @@ impl Psk13 {
         self.read = Some(r_hs);
         self.client_finished = Some((suite.finished_key(&c_hs), th));
         self.client_traffic = Some(c_ap);
+        self.server_traffic = Some(s_ap);
         self.retry = None;
         self.suite = Some(suite);
         self.group = group;
@@ -562,33 +548,9 @@ impl Psk13 {
         if hmac::verify(&key, hash.as_ref(), &msg[4..]).is_err() {
             return Err(self.fail(DECRYPT_ERROR, "client Finished does not verify"));
         }
-        let (Some(suite), Some(secret)) = (self.suite, self.client_traffic.take()) else {
-            return Err(self.fail(INTERNAL_ERROR, "no suite"));
-        };
-        let Some(read) = Dir::new(suite, secret) else {
-            return Err(self.fail(INTERNAL_ERROR, "traffic keys"));
-        };
-        self.read = Some(read);
+        self.read = None;
         self.state = State::Traffic;
         log::debug!(target: LOG, "TLS 1.3 handshake complete");
-        Ok(())
-    }
-
-    fn key_update(&mut self, msg: &[u8]) -> io::Result<()> {
-        let requested = match &msg[4..] {
-            [0] => false,
-            [1] => true,
-            _ => return Err(self.fail(ILLEGAL_PARAMETER, "malformed KeyUpdate")),
-        };
-        log::debug!(target: LOG, "KeyUpdate received (update_requested: {requested})");
-        let next = self.read.as_ref().and_then(Dir::next);
-        if next.is_none() {
-            return Err(self.fail(INTERNAL_ERROR, "key update"));
-        }
-        self.read = next;
-        if requested {
-            self.update_write_key()?;
-        }
         Ok(())
     }
 
@@ -623,39 +585,73 @@ fn key_log(label: &str, client_random: &[u8], secret: &[u8]) {
     }
 }
 
+impl Psk13 {
+    /// The handshake is over: the record layer takes the application
+    /// traffic keys, what is still to send and the rest of the input.
+    fn switch(&mut self, plain: &mut Vec<u8>) -> io::Result<bool> {
+        let keys = match (self.suite, self.client_traffic.take(), self.server_traffic.take()) {
+            (Some(suite), Some(client), Some(server)) => {
+                let rx = schedule::record_keys(suite, &client);
+                let tx = schedule::record_keys(suite, &server);
+                rx.zip(tx).map(|k| (k, schedule::Updates { suite, client, server }))
+            }
+            _ => None,
+        };
+        let Some(((rx, tx), updates)) = keys else {
+            return Err(self.fail(INTERNAL_ERROR, "traffic keys"));
+        };
+        let seq = self.write.take().map_or(0, |w| w.seq);
+        let out = std::mem::take(&mut self.out);
+        let mut s = Box::new(Session::new(records::Version::Tls13, (0, rx), (seq, tx), Some(Box::new(updates)), out)?);
+        s.rx.limit = self.read_limit;
+        s.tx.dir.limit = s.tx.dir.limit.min(self.write_limit);
+        let rest = std::mem::take(&mut self.input);
+        let closed = s.feed(&rest, plain);
+        self.session = Some(s);
+        closed
+    }
+}
+
+fn no_session() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "PSK: no session")
+}
+
 impl Engine for Psk13 {
     fn feed(&mut self, raw: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        if let Some(s) = &mut self.session {
+            return s.feed(raw, plain);
+        }
         self.input.extend_from_slice(raw);
-        self.process(plain)?;
+        self.process()?;
+        if self.state == State::Traffic {
+            return self.switch(plain);
+        }
         Ok(self.closed)
     }
 
     fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.state != State::Traffic {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "PSK: no session"));
-        }
-        self.out.reserve(data.len() + data.len() / MAX_PLAIN * 22 + 22);
-        for chunk in data.chunks(MAX_PLAIN) {
-            if self.write.as_ref().is_some_and(|w| w.seq >= self.write_limit) {
-                self.update_write_key()?;
-            }
-            self.sealed(CT_DATA, chunk)?;
-        }
-        Ok(())
+        self.session.as_mut().ok_or_else(no_session)?.encrypt(data)
     }
 
     fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
-        crate::server::tls::engine::write_out(&mut self.out, w)
+        match &mut self.session {
+            Some(s) => s.flush_to(w),
+            None => crate::server::tls::engine::write_out(&mut self.out, w),
+        }
     }
 
     fn handshaking(&self) -> bool {
-        !matches!(self.state, State::Traffic)
+        self.session.is_none()
     }
 
     fn close(&mut self) {
-        if self.state == State::Traffic {
-            let _ = self.record(CT_ALERT, &[1, 0]);
+        if let Some(s) = &mut self.session {
+            s.close();
         }
+    }
+
+    fn into_session(self: Box<Self>) -> io::Result<Box<Session>> {
+        self.session.ok_or_else(no_session)
     }
 
     fn describe(&self) -> String {

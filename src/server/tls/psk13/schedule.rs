@@ -6,6 +6,8 @@ use ring::digest;
 use ring::hmac;
 use zeroize::Zeroizing;
 
+use crate::server::tls::records;
+
 /// A secret of the key schedule, wiped when dropped.
 pub type Secret = Zeroizing<Vec<u8>>;
 
@@ -161,5 +163,46 @@ impl Dir {
         self.seq += 1;
         let end = plain.iter().rposition(|&b| b != 0).ok_or(false)?;
         Ok((plain[end], end))
+    }
+}
+
+/// The record layer's keys for a traffic secret (RFC 8446 §7.3).
+pub fn record_keys(suite: &'static Suite, secret: &[u8]) -> Option<records::Secret> {
+    let cipher = match suite.id {
+        0x1301 => records::Cipher::Aes128Gcm,
+        0x1302 => records::Cipher::Aes256Gcm,
+        0x1303 => records::Cipher::Chacha20Poly1305,
+        _ => return None,
+    };
+    let key = suite.expand_label(secret, b"key", b"", suite.aead.key_len()).to_vec();
+    let mut iv = [0u8; 12];
+    iv.copy_from_slice(&suite.expand_label(secret, b"iv", b"", 12));
+    Some(records::Secret { cipher, key, iv })
+}
+
+/// The application traffic secrets, for the record layer's KeyUpdates
+/// (RFC 8446 §7.2).
+pub struct Updates {
+    /// The suite.
+    pub suite: &'static Suite,
+    /// The client's current traffic secret.
+    pub client: Secret,
+    /// The server's.
+    pub server: Secret,
+}
+
+impl Updates {
+    fn next(suite: &'static Suite, s: &mut Secret) -> Result<records::Secret, String> {
+        *s = suite.expand_label(s, b"traffic upd", b"", suite.hash_len());
+        record_keys(suite, s).ok_or_else(|| "no keys".to_string())
+    }
+}
+
+impl records::Schedule for Updates {
+    fn next_rx(&mut self) -> Result<records::Secret, String> {
+        Updates::next(self.suite, &mut self.client)
+    }
+    fn next_tx(&mut self) -> Result<records::Secret, String> {
+        Updates::next(self.suite, &mut self.server)
     }
 }

@@ -208,16 +208,16 @@ fn oversize_and_short_records_are_refused() {
     }
     // A TLS 1.3 inner plaintext over 2^14 + 1 bytes, correctly sealed.
     let (mut s, mut cl) = pair(Version::Tls13, Cipher::Aes128Gcm);
-    let at = cl.begin(ct::DATA, MAX_PLAIN + 2);
-    cl.out.extend_from_slice(&data(MAX_PLAIN + 1));
-    cl.seal(at, ct::DATA);
+    let at = cl.tx.begin(ct::DATA, MAX_PLAIN + 2);
+    cl.tx.out.extend_from_slice(&data(MAX_PLAIN + 1));
+    cl.tx.seal(at, ct::DATA);
     let w = wire(&mut cl);
     assert!(s.feed(&w, &mut Vec::new()).unwrap_err().to_string().contains("too long"));
     // And the TLS 1.2 plaintext limit.
     let (mut s, mut cl) = pair(Version::Tls12, Cipher::Aes256Gcm);
-    let at = cl.begin(ct::DATA, MAX_PLAIN + 1);
-    cl.out.extend_from_slice(&data(MAX_PLAIN + 1));
-    cl.seal(at, ct::DATA);
+    let at = cl.tx.begin(ct::DATA, MAX_PLAIN + 1);
+    cl.tx.out.extend_from_slice(&data(MAX_PLAIN + 1));
+    cl.tx.seal(at, ct::DATA);
     let w = wire(&mut cl);
     assert!(s.feed(&w, &mut Vec::new()).unwrap_err().to_string().contains("too long"));
 }
@@ -226,19 +226,19 @@ fn oversize_and_short_records_are_refused() {
 fn tls13_inner_type_and_padding() {
     let (mut s, mut cl) = pair(Version::Tls13, Cipher::Chacha20Poly1305);
     // Application data with padding after the content type.
-    let at = cl.begin(ct::DATA, 100);
-    cl.out.extend_from_slice(b"hello");
-    cl.out.push(ct::DATA);
-    cl.out.extend_from_slice(&[0; 49]);
+    let at = cl.tx.begin(ct::DATA, 100);
+    cl.tx.out.extend_from_slice(b"hello");
+    cl.tx.out.push(ct::DATA);
+    cl.tx.out.extend_from_slice(&[0; 49]);
     // (seal appends the type byte: a 50th zero)
-    cl.seal(at, 0);
+    cl.tx.seal(at, 0);
     let mut plain = Vec::new();
     s.feed(&wire(&mut cl), &mut plain).unwrap();
     assert_eq!(plain, b"hello");
     // All padding, no type: unexpected_message.
-    let at = cl.begin(ct::DATA, 10);
-    cl.out.extend_from_slice(&[0; 10]);
-    cl.seal(at, 0);
+    let at = cl.tx.begin(ct::DATA, 10);
+    cl.tx.out.extend_from_slice(&[0; 10]);
+    cl.tx.seal(at, 0);
     let e = s.feed(&wire(&mut cl), &mut plain).unwrap_err();
     assert!(e.to_string().contains("without a content type"), "{e}");
     assert_eq!(alert_in(&mut cl, &wire(&mut s)), "TLS: the peer sent alert 10");
@@ -247,7 +247,7 @@ fn tls13_inner_type_and_padding() {
     assert!(s.feed(&[ct::ALERT, 3, 3, 0, 2, 2, 40], &mut plain).unwrap_err().to_string().contains("unprotected"));
     // A change_cipher_spec inside protection.
     let (mut s, mut cl) = pair(Version::Tls13, Cipher::Aes128Gcm);
-    cl.control(ct::CCS, &[1]);
+    cl.tx.control(ct::CCS, &[1]);
     assert!(s.feed(&wire(&mut cl), &mut plain).unwrap_err().to_string().contains("unexpected record type"));
 }
 
@@ -270,7 +270,7 @@ fn key_updates_both_ways() {
         let mut back = Vec::new();
         cl.feed(&w, &mut back).unwrap();
         assert_eq!(back, b"reply");
-        let g = |x: &Session| (x.rx.seq, x.tx.seq);
+        let g = |x: &Session| (x.rx.dir.seq, x.tx.dir.seq);
         assert_eq!((g(&s), g(&cl)), ((1, 1), (1, 1)));
         // update_not_requested: no answer.
         cl.key_update(false).unwrap();
@@ -282,11 +282,17 @@ fn key_updates_both_ways() {
         // A KeyUpdate with data after it in the same record, or a bad value.
         for (msg, why) in [(&[24, 0, 0, 1, 0, 23, 0, 0, 0][..], "not at the end"), (&[24, 0, 0, 1, 2], "bad KeyUpdate"), (&[24, 0, 0, 2, 0, 0], "malformed"), (&[4, 0, 0, 1, 0], "unexpected handshake")] {
             let (mut s, mut cl) = pair(Version::Tls13, c);
-            cl.control(ct::HANDSHAKE, msg);
+            cl.tx.control(ct::HANDSHAKE, msg);
             let e = s.feed(&wire(&mut cl), &mut plain).unwrap_err();
             assert!(e.to_string().contains(why), "{e}");
         }
     }
+    // Data in the middle of a handshake message.
+    let (mut s, mut cl) = pair(Version::Tls13, Cipher::Aes128Gcm);
+    cl.tx.control(ct::HANDSHAKE, &[24, 0, 0]);
+    cl.encrypt(b"data").unwrap();
+    let e = s.feed(&wire(&mut cl), &mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("inside a handshake message"), "{e}");
     // TLS 1.2 has none.
     let (_, mut cl) = pair(Version::Tls12, Cipher::Aes128Gcm);
     assert!(cl.key_update(true).is_err());
@@ -295,19 +301,19 @@ fn key_updates_both_ways() {
 #[test]
 fn tls13_rekeys_at_the_confidentiality_limit() {
     let (mut s, mut cl) = pair(Version::Tls13, Cipher::Aes128Gcm);
-    s.tx.seq = s.tx.limit;
-    cl.rx.seq = cl.rx.limit;
+    s.tx.dir.seq = s.tx.dir.limit;
+    cl.rx.dir.seq = cl.rx.dir.limit;
     s.encrypt(b"x").unwrap();
     let w = wire(&mut s);
     assert_eq!(records(&w).len(), 2, "KeyUpdate, then data");
     let mut back = Vec::new();
     cl.feed(&w, &mut back).unwrap();
     assert_eq!(back, b"x");
-    assert_eq!(s.tx.seq, 1);
+    assert_eq!(s.tx.dir.seq, 1);
     // TLS 1.2 cannot rekey: close_notify, and no more data.
     let (mut s, mut cl) = pair(Version::Tls12, Cipher::Aes128Gcm);
-    s.tx.seq = s.tx.limit;
-    cl.rx.seq = cl.rx.limit;
+    s.tx.dir.seq = s.tx.dir.limit;
+    cl.rx.dir.seq = cl.rx.dir.limit;
     assert!(s.encrypt(b"x").is_err());
     assert!(cl.feed(&wire(&mut s), &mut back).unwrap());
 }
@@ -316,22 +322,22 @@ fn tls13_rekeys_at_the_confidentiality_limit() {
 fn alerts_from_the_peer() {
     for v in [Version::Tls12, Version::Tls13] {
         let (mut s, mut cl) = pair(v, Cipher::Aes128Gcm);
-        cl.control(ct::ALERT, &[1, alert::USER_CANCELED]);
+        cl.tx.control(ct::ALERT, &[1, alert::USER_CANCELED]);
         cl.encrypt(b"go on").unwrap();
         let mut plain = Vec::new();
         assert!(!s.feed(&wire(&mut cl), &mut plain).unwrap());
         assert_eq!(plain, b"go on");
-        cl.control(ct::ALERT, &[2, alert::DECODE_ERROR]);
+        cl.tx.control(ct::ALERT, &[2, alert::DECODE_ERROR]);
         let e = s.feed(&wire(&mut cl), &mut plain).unwrap_err();
         assert!(e.to_string().contains("alert 50"), "{e}");
         assert!(wire(&mut s).is_empty(), "an alert answered an alert");
         let (mut s, mut cl) = pair(v, Cipher::Aes128Gcm);
-        cl.control(ct::ALERT, &[1]);
+        cl.tx.control(ct::ALERT, &[1]);
         assert!(s.feed(&wire(&mut cl), &mut plain).unwrap_err().to_string().contains("malformed alert"));
     }
     // TLS 1.2 renegotiation: a warning, and the session goes on.
     let (mut s, mut cl) = pair(Version::Tls12, Cipher::Aes128Gcm);
-    cl.control(ct::HANDSHAKE, &[1, 0, 0, 2, 3, 3]);
+    cl.tx.control(ct::HANDSHAKE, &[1, 0, 0, 2, 3, 3]);
     let mut plain = Vec::new();
     s.feed(&wire(&mut cl), &mut plain).unwrap();
     let w = wire(&mut s);
@@ -340,6 +346,72 @@ fn alerts_from_the_peer() {
     s.encrypt(b"still here").unwrap();
     cl.feed(&wire(&mut s), &mut back).unwrap();
     assert_eq!(back, b"still here");
+}
+
+#[test]
+fn the_two_halves_work_apart() {
+    for (v, c) in ALL {
+        let (s, mut cl) = pair(v, c);
+        let (mut rx, tx) = s.split();
+        let tx = Arc::new(std::sync::Mutex::new(tx));
+        // A writer sends replies while the reader takes the client's data.
+        let writer = {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for i in 0..50 {
+                    let mut t = tx.lock().unwrap();
+                    t.encrypt(&data(1000 + i)).unwrap();
+                    t.flush_to(&mut out).unwrap();
+                }
+                out
+            })
+        };
+        cl.encrypt(&data(300_000)).unwrap();
+        let w = wire(&mut cl);
+        let mut plain = Vec::new();
+        for piece in w.chunks(7000) {
+            assert!(!rx.feed(piece, &mut plain).unwrap());
+        }
+        assert_eq!(plain, data(300_000), "{v:?} {c:?}");
+        assert!(!rx.has_events());
+        let out = writer.join().unwrap();
+        let mut back = Vec::new();
+        cl.feed(&out, &mut back).unwrap();
+        assert_eq!(back, (0..50).flat_map(|i| data(1000 + i)).collect::<Vec<u8>>());
+        let mut t = tx.lock().unwrap();
+        let tx_wire = |t: &mut Tx| {
+            let mut w = Vec::new();
+            t.flush_to(&mut w).unwrap();
+            w
+        };
+        if v == Version::Tls13 {
+            // A KeyUpdate asked for: the send half answers once told.
+            cl.key_update(true).unwrap();
+            cl.encrypt(b"new keys").unwrap();
+            plain.clear();
+            rx.feed(&wire(&mut cl), &mut plain).unwrap();
+            assert_eq!(plain, b"new keys");
+            assert!(rx.has_events() && tx_wire(&mut t).is_empty());
+            t.apply(&mut rx).unwrap();
+            assert!(!rx.has_events());
+            t.encrypt(b"reply").unwrap();
+            let w = tx_wire(&mut t);
+            assert_eq!(records(&w).len(), 2, "KeyUpdate, then data");
+            back.clear();
+            cl.feed(&w, &mut back).unwrap();
+            assert_eq!(back, b"reply");
+            assert_eq!((t.dir.seq, cl.rx.dir.seq), (1, 1));
+        }
+        // A bad record: the fatal alert goes out through the send half,
+        // which sends nothing more.
+        assert!(rx.feed(&[ct::DATA, 3, 3, 0, 3, 1, 2, 3], &mut plain).is_err());
+        t.apply(&mut rx).unwrap();
+        assert_eq!(alert_in(&mut cl, &tx_wire(&mut t)), "TLS: the peer sent alert 20");
+        assert!(t.encrypt(b"x").is_err());
+        t.close();
+        assert!(tx_wire(&mut t).is_empty());
+    }
 }
 
 proptest! {
