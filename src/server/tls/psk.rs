@@ -61,6 +61,11 @@ impl Keys {
     }
 }
 
+/// A PSK engine asked for traffic-phase work before its session exists.
+pub(super) fn no_session() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "PSK: no session")
+}
+
 fn io_msg(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::NotFound => "No such file or directory".to_string(),

@@ -20,7 +20,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use super::engine::Engine;
-use super::psk::Keys;
+use super::psk::{no_session, Keys};
 use super::records::{Cipher, Secret, Session};
 
 const SUITE: u16 = 0x00a8; // TLS_PSK_WITH_AES_128_GCM_SHA256
@@ -444,10 +444,6 @@ impl Psk12 {
         self.session = Some(s);
         closed
     }
-}
-
-fn no_session() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "PSK: no session")
 }
 
 impl Engine for Psk12 {

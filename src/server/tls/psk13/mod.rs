@@ -34,7 +34,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use super::engine::Engine;
-use super::psk::Keys;
+use super::psk::{no_session, Keys};
 use super::records::{self, Session};
 use hello::Hello;
 use schedule::{Dir, Secret, Suite, SUITES};
@@ -610,10 +610,6 @@ impl Psk13 {
         self.session = Some(s);
         closed
     }
-}
-
-fn no_session() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "PSK: no session")
 }
 
 impl Engine for Psk13 {
