@@ -6,6 +6,34 @@
 //! session (stream.rs); the transmission phase's workers read and write
 //! through it with blocking streams in place of the socket.
 
+/// The [`engine::Engine`] methods both PSK engines implement alike: the
+/// handshake's records queue in `self.out`, then `self.session` (records.rs)
+/// takes over.
+macro_rules! psk_session_methods {
+    () => {
+        fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
+            match &mut self.session {
+                Some(s) => s.flush_to(w),
+                None => crate::server::tls::engine::write_out(&mut self.out, w),
+            }
+        }
+
+        fn handshaking(&self) -> bool {
+            self.session.is_none()
+        }
+
+        fn close(&mut self) {
+            if let Some(s) = &mut self.session {
+                s.close();
+            }
+        }
+
+        fn into_session(self: Box<Self>) -> io::Result<Box<Session>> {
+            self.session.ok_or_else(no_session)
+        }
+    };
+}
+
 pub mod engine;
 pub mod psk;
 mod psk12;

@@ -463,26 +463,7 @@ impl Engine for Psk12 {
         self.session.as_mut().ok_or_else(no_session)?.encrypt(data)
     }
 
-    fn flush_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
-        match &mut self.session {
-            Some(s) => s.flush_to(w),
-            None => super::engine::write_out(&mut self.out, w),
-        }
-    }
-
-    fn handshaking(&self) -> bool {
-        self.session.is_none()
-    }
-
-    fn close(&mut self) {
-        if let Some(s) = &mut self.session {
-            s.close();
-        }
-    }
-
-    fn into_session(self: Box<Self>) -> io::Result<Box<Session>> {
-        self.session.ok_or_else(no_session)
-    }
+    psk_session_methods!();
 
     fn describe(&self) -> String {
         // GnuTLS nbdkit's lines.
